@@ -37,17 +37,32 @@ class DataParams(Section):
     scrfd_path: Optional[str] = Field(None, description="local SCRFD ONNX file when face_detector: scrfd")
     face_sample_every: int = Field(5, ge=1, description="run the detector on every k-th frame")
     min_face_frame_rate: float = Field(0.9, ge=0, le=1, description="fraction of sampled frames that must hold exactly one face")
-    workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes")
+    workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes (1: run in-process)")
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler instead of a LocalCluster")
+    silence_dbfs: float = Field(-50.0, le=0, description="audio whose 90th-percentile 0.25 s RMS is below this (dBFS) is silent: rejected")
+    cut_margin_frames: int = Field(2, ge=0, description="frames dropped on each side of a detected scene cut")
+    detect_max_side: int = Field(640, ge=64, description="longest side of the image the face detector sees (larger frames are downscaled)")
+    max_multi_face_rate: float = Field(0.2, ge=0, le=1, description="a clip with 2+ faces in this fraction of sampled frames is rejected whole")
+    max_face_gap_seconds: float = Field(0.5, ge=0, description="longer stretches without exactly one face split the clip (shorter ones are interpolated)")
+    max_face_jump: float = Field(0.5, gt=0, description="a face centre moving more than this x face size between samples splits the clip")
+    crop_scale: float = Field(1.8, ge=1, description="side of the square talking-head crop / face box side")
+    box_smooth_seconds: float = Field(0.3, ge=0, description="Gaussian sigma smoothing the face box over time")
+    landmark_smooth_frames: float = Field(1.0, ge=0, description="Gaussian sigma smoothing landmarks over time (0: raw)")
 
 
 class SampleParams(Section):
-    n_videos: int = Field(40, ge=1)
-    seconds_min: float = Field(6.0, gt=0)
-    seconds_max: float = Field(15.0, gt=0)
+    """talkingface-wild-mini, the embedded sample dataset (``mcdm sample-data``)."""
+
+    n_videos: int = Field(40, ge=1, description="regular videos (about 35% carry a planted defect, at least one of each kind)")
+    seconds_min: float = Field(6.0, gt=0, description="shortest regular video, seconds (before time_scale)")
+    seconds_max: float = Field(15.0, gt=0, description="longest regular video, seconds (before time_scale)")
+    time_scale: float = Field(1.0, gt=0, description="multiplies every duration (`mcdm sample-data --seconds`)")
+    too_long_seconds: float = Field(34.0, gt=0, description="length of the planted too-long videos (never below 31 s)")
     n_long: int = Field(2, ge=0, description="long clean videos for the long-term curve (exempt from trimming)")
-    long_seconds: float = Field(60.0, gt=0)
-    size: int = Field(256, ge=64, description="frame side of the generated raw videos")
+    long_seconds: float = Field(60.0, gt=0, description="length of the long videos, seconds (before time_scale)")
+    n_identities: int = Field(10, ge=2, le=10, description="identities used (2 real photos + derived faces)")
+    size: int = Field(256, ge=128, description="frame side of the generated raw videos (two-face videos are twice as wide)")
+    fps: float = Field(25.0, gt=0, description="frame rate of the generated videos")
     seed: int = 0
 
 
@@ -59,33 +74,70 @@ class QualityParams(Section):
     min_brightness: float = Field(40.0, ge=0, le=255)
     max_brightness: float = Field(220.0, ge=0, le=255)
     max_blockiness: float = Field(1.6, gt=0, description="8x8 boundary / interior gradient ratio")
+    analysis_px: int = Field(128, ge=16, description="face region is resized to this side before measuring sharpness")
+    sample_frames: int = Field(16, ge=1, description="frames per clip measured (evenly spaced)")
+    min_iqa_score: float = Field(40.0, description="hyperiqa backend: smallest accepted median score (0-100)")
 
 
 class SyncNetParams(Section):
-    weights: Optional[str] = Field(None, description="official SyncNet weights (local path); else trained here")
+    weights: Optional[str] = Field(
+        None, description="official SyncNet weights (local path: syncnet_v2.model, or a save_pretrained folder); "
+        "else the SyncNet trained by syncnet_train is used")
+    # the SyncNet trained here (audio MFCC 13x20 window vs 5 grayscale mouth crops, Chung & Zisserman 2017)
+    mouth_height: int = Field(32, ge=8, description="mouth crop height fed to the trained SyncNet, pixels")
+    mouth_width: int = Field(48, ge=8, description="mouth crop width fed to the trained SyncNet, pixels")
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 128],
+                                description="conv widths of the audio and video streams (each stage halves the map)")
+    embed_dim: int = Field(128, ge=8, description="width of the L2-normalised embedding")
     train_steps: int = Field(600, ge=1)
-    batch_size: int = Field(32, ge=2)
+    batch_size: int = Field(32, ge=2, description="in-sync pairs per step (as many shifted pairs are added)")
     lr: float = Field(1e-3, gt=0)
+    margin: float = Field(1.0, gt=0, description="contrastive-loss margin on the embedding distance")
+    min_shift: int = Field(3, ge=1, description="smallest |audio shift| in frames of a negative (shifted) pair")
+    holdout_fraction: float = Field(0.15, ge=0, lt=1, description="clips (by source) held out to report sync accuracy/AUC")
+    # offset search and filter (the standard SyncNet algorithm; also Sync-C / Sync-D in evaluation)
     max_offset: int = Field(15, ge=1, description="offset search range in frames (+-)")
     max_abs_offset: int = Field(3, ge=0, description="reject clips whose |AV offset| exceeds this")
-    min_confidence: float = Field(0.5, ge=0, description="reject clips whose Sync-C is below this")
+    min_confidence: float = Field(
+        0.2, ge=0, description="reject clips whose Sync-C is below this (distance units of the SyncNet trained here)")
+    min_confidence_official: float = Field(
+        3.0, ge=0, description="the same cut when `weights` (official SyncNet, unnormalised 1024-d embeddings) is used")
 
 
 class SplitParams(Section):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     open_set_identities: int = Field(2, ge=0, description="identities held out entirely for the open-set table")
+    seed: int = Field(0, description="salt of the deterministic group hash (independent of the training seed)")
 
 
 class BaseModelsParams(Section):
+    """Base models (DECISIONS #1, #2): paper weights from local folders, else tiny ones pretrained here."""
+
     vae_path: Optional[str] = Field(None, description="SD-1.5 VAE folder (diffusers format)")
     unet_path: Optional[str] = Field(None, description="SD-1.5 UNet folder (diffusers format)")
-    wav2vec2_path: Optional[str] = None
-    clip_path: Optional[str] = None
-    vae_steps: int = Field(1500, ge=0)
-    vae_psnr_threshold: float = Field(24.0, description="held-out reconstruction PSNR the tiny VAE must reach")
+    wav2vec2_path: Optional[str] = Field(None, description="Wav2Vec 2.0 folder (transformers format); else the logmel audio backend")
+    clip_path: Optional[str] = Field(None, description="CLIP vision folder (transformers format); else the dlib+vae identity backend")
+    # the tiny VAE (diffusers AutoencoderKL), trained on the training frames when vae_path is not given
+    vae_block_out_channels: list[int] = Field(
+        default_factory=lambda: [16, 32, 64, 64],
+        description="tiny VAE widths; n blocks downsample by 2^(n-1) (4 blocks: 64 px -> 8x8 latent, as SD's h/8)")
+    vae_layers_per_block: int = Field(1, ge=1, description="tiny VAE resnets per block")
+    vae_norm_num_groups: int = Field(8, ge=1, description="tiny VAE GroupNorm groups (must divide every width)")
+    vae_latent_channels: int = Field(4, ge=1, description="latent channels (4, as SD)")
+    vae_steps: int = Field(1500, ge=0, description="most tiny-VAE steps; training stops once the PSNR threshold is passed")
+    vae_min_steps: int = Field(0, ge=0, description="tiny-VAE steps run before the PSNR gate may stop training")
+    vae_psnr_threshold: float = Field(24.0, description="held-out reconstruction PSNR (dB) the tiny VAE must reach")
+    vae_eval_every: int = Field(100, ge=1, description="steps between held-out PSNR checks")
+    vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (SD's VAE uses ~1e-6)")
+    vae_edge_weight: float = Field(0.5, ge=0, description="weight of the L1 loss on image gradients (sharper edges)")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="training clips held out to measure the VAE / UNet")
+    max_frames: int = Field(4000, ge=16, description="most training frames read for pretraining (evenly spaced per clip)")
+    # the tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser when unet_path is not given
     unet_steps: int = Field(800, ge=0)
+    unet_lr: float = Field(5e-4, gt=0, description="learning rate of the UNet pretraining")
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of the tiny VAE")
+    threads: int = Field(2, ge=1, description="torch CPU threads for pretraining and features")
 
 
 class ModelParams(Section):
@@ -98,9 +150,35 @@ class ModelParams(Section):
     prior_heads: int = Field(4, ge=1)
     mta_features: int = Field(32, ge=4, description="FAVOR+ random features")
     p_drop_landmarks: float = Field(0.5, ge=0, le=1)
+    # present-clip motion prior and motion encoders (models/motion_prior.py, models/encoders.py)
+    lip_dim: int = Field(16, ge=1, description="width of the lip token (LipEncoder output)")
+    expression_dim: int = Field(16, ge=1, description="width of the expression token (ExpressionEncoder bottleneck)")
+    lip_window: int = Field(5, ge=1, description="mouth-crop / audio frames in one lip-encoder window")
+    audio_window: int = Field(2, ge=0, description="audio frames on each side of a frame in the prior's audio token")
+    prior_train_timesteps: int = Field(1000, ge=2, description="steps of the prior's training noise schedule (Eq. 3)")
+    prior_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field("squaredcos_cap_v2", description="beta schedule of the prior's noise scheduler")
+    prior_inference_steps: int = Field(20, ge=1, description="DDIM steps when the prior samples motion tokens")
+    landmark_guider_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="landmark guider conv widths; len - 1 stride-2 stages = log2 of the VAE downsampling")
+    motion_encoder_steps: int = Field(300, ge=1, description="training steps of the lip encoder and of the expression encoder (motion_encoders stage)")
+    motion_encoder_batch_size: int = Field(32, ge=2, description="windows / frames per step in the motion_encoders stage")
+    motion_encoder_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the motion_encoders stage")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = Field(
+        8, ge=1, description="attention heads per UNet attention layer (diffusers' legacy name, as in SD-1.5's config: 8)"
+    )
+    norm_num_groups: int = Field(32, ge=1, description="GroupNorm groups of the UNet (SD-1.5: 32)")
+    down_block_types: Optional[list[Literal["CrossAttnDownBlock2D", "DownBlock2D"]]] = Field(
+        None, description="UNet down blocks, one per block_out_channels entry; null = CrossAttnDownBlock2D at every level"
+    )
+    up_block_types: Optional[list[Literal["CrossAttnUpBlock2D", "UpBlock2D"]]] = Field(
+        None, description="UNet up blocks, one per block_out_channels entry; null = CrossAttnUpBlock2D at every level"
+    )
+    frame_attention_heads: int = Field(1, ge=1, description="heads of the frame-aligned attention (1 = Eq. 2 as written)")
+    qformer_layers: int = Field(2, ge=1, description="b1: Q-Former layers (self-attn + cross-attn + FF); heads = prior_heads")
+    audio_dim: int = Field(
+        80, ge=1, description="wo_fpc: width of the per-frame audio features (80 log-mel bins; 768 for wav2vec2-base)"
+    )
     gradient_checkpointing: bool = False
 
 
@@ -110,12 +188,15 @@ class StageParams(Section):
     batch_size: int = Field(2, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     clips_per_run: int = Field(1, ge=1, description="stage 3: consecutive clips with memory carried")
+    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from 0 (DeepSpeed WarmupLR); 0 = constant lr")
 
 
 class TrainParams(Section):
-    deepspeed_config: str = "configs/deepspeed/zero2_cpu.json"
-    checkpoint_every: int = Field(50, ge=1)
-    deterministic: bool = True
+    deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON; its \"auto\" fields (batch, lr, clipping, bf16 on GPU / fp32 on CPU) are filled at run time")
+    checkpoint_every: int = Field(50, ge=1, description="steps between DeepSpeed checkpoints (also written at the last step)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept per stage")
+    deterministic: bool = Field(True, description="deterministic algorithms + fixed seeds (bitwise resume on CPU)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     ema: bool = False
     stage1: StageParams = Field(default_factory=StageParams)
     stage2: StageParams = Field(default_factory=StageParams)
@@ -126,9 +207,14 @@ class EvalParams(Section):
     steps: int = Field(10, ge=1, description="DDIM steps at generation")
     long_term_seconds: float = Field(40.0, gt=0)
     max_test_clips: int = Field(8, ge=1)
-    inception_path: Optional[str] = None
-    i3d_path: Optional[str] = None
-    deep3d_path: Optional[str] = None
+    inception_path: Optional[str] = Field(None, description="StyleGAN-family TorchScript Inception (inception-2015-12-05.pt) for FID; else the dlib-descriptor-128 fallback")
+    i3d_path: Optional[str] = Field(None, description="StyleGAN-V TorchScript I3D (i3d_torchscript.pt) for FVD; else the dlib landmark-dynamics fallback")
+    deep3d_path: Optional[str] = Field(None, description="TorchScript export of Deep3DFaceRecon's R-Net (257 coefficients) for E-FID; else landmark-expression-offsets")
+    fvd_clip_frames: int = Field(16, ge=2, description="frames per FVD clip (non-overlapping clips of each video)")
+    fvd_fallback_descriptor_every: int = Field(4, ge=1, description="FVD fallback: dlib descriptor on every k-th frame of a clip (landmarks on all)")
+    frame_stride: int = Field(1, ge=1, description="FID, E-FID and identity use every k-th frame of each video (FVD and SSIM use all)")
+    dlib_min_side: int = Field(160, ge=32, description="frames smaller than this are upscaled (integer factor) before dlib face analysis")
+    drift_tail: float = Field(0.1, gt=0, le=0.5, description="identity drift = mean of the last this-fraction of frames minus the first")
 
 
 class AblationParams(Section):
@@ -141,13 +227,15 @@ class SweepParams(Section):
 
 
 class RegistryParams(Section):
-    name: str = "mcdm-talkingface"
-    primary_metric: str = "fvd"
+    name: str = Field("mcdm-talkingface", description="MLflow registered model; only the main line (variant full, default alpha) adds versions")
+    primary_metric: str = Field("fvd", description="metric that decides the champion alias")
     lower_is_better: bool = True
 
 
 class TrackingParams(Section):
-    experiment: str = "mcdm"
+    experiment: str = Field("mcdm", description="MLflow experiment of every stage run")
+    system_metrics: bool = Field(True, description="MLflow system metrics (CPU, memory, disk, network; GPU with pynvml)")
+    system_metrics_interval: float = Field(10.0, gt=0, description="seconds between system metrics samples")
 
 
 class Params(Section):

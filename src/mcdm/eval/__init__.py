@@ -1,0 +1,1 @@
+"""Evaluation: metrics (FID, FVD, Sync-C/D, SSIM, E-FID, identity) with their backends recorded."""
