@@ -197,6 +197,7 @@ class TrainParams(Section):
     keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept per stage")
     deterministic: bool = Field(True, description="deterministic algorithms + fixed seeds (bitwise resume on CPU)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
     ema: bool = False
     stage1: StageParams = Field(default_factory=StageParams)
     stage2: StageParams = Field(default_factory=StageParams)

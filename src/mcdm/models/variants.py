@@ -1,0 +1,419 @@
+"""The assembled MCDM denoiser and its variants (paper Tables 4-5), selected by the ``variant`` param.
+
+| variant | archived-clip prior                         | present-clip attention reads | temporal attention |
+|---------|---------------------------------------------|------------------------------|--------------------|
+| full    | frame-aligned attention over a frames       | F_pc (present-clip prior)    | MTA (memory)       |
+| wo_fa   | frame-aligned attention, reference only     | F_pc                         | MTA                |
+| wo_fpc  | frame-aligned attention                     | audio features (wav2vec2)    | MTA                |
+| wo_mta  | frame-aligned attention                     | F_pc                         | softmax, no memory |
+| b1      | Q-Former (BLIP-2 style) over all a frames   | F_pc                         | MTA                |
+| b2      | reference UNet on the reference latent      | F_pc                         | MTA                |
+
+``MCDMDenoiser`` owns the UNet and the archived-clip prior of its variant; ``build_denoiser(params)``
+builds it from the params schema. ``freeze_for_stage(stage)`` sets what each training stage trains
+(DECISIONS #4).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange, repeat
+
+from mcdm.config import VARIANTS, Params
+from mcdm.errors import McdmError
+from mcdm.models.archived_prior import ArchivedClipPrior, Patchify, sincos_1d
+from mcdm.models.unet import (
+    DownBlock,
+    MCDMUNet,
+    MCDMUNetOutput,
+    MemoryState,
+    VideoConditioning,
+    _per_block,
+)
+
+# What each training stage trains (DECISIONS #4), as parameter groups of ``MCDMDenoiser.parameter_group``.
+STAGE_GROUPS: dict[int, tuple[str, ...]] = {
+    1: ("archived_prior", "archived_attention", "spatial"),
+    2: (),  # stage 2 trains the present-clip motion prior (its own model); the denoiser is frozen
+    3: ("present_attention", "temporal_attention"),
+}
+
+
+class QFormerPrior(ModelMixin, ConfigMixin):
+    """b1: BLIP-2-style Q-Former in place of frame-aligned attention.
+
+    a * n learnable queries; each layer = self-attention among the queries, cross-attention to the
+    reference and ALL archived tokens jointly (frame index embedded), feed-forward. Output reshaped to
+    F_ac (b, a, n, d) so the UNet sees the same token budget as the full model.
+    """
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 4, prior_dim: int = 64, patch_size: int = 2, num_queries: int = 4,
+                 archived_frames: int = 4, num_layers: int = 2, heads: int = 4):
+        super().__init__()
+        if prior_dim % heads:
+            raise McdmError(f"prior_dim {prior_dim} is not divisible by qformer heads {heads}")
+        self.patchify_reference = Patchify(latent_channels, prior_dim, patch_size)
+        self.patchify_archived = Patchify(latent_channels, prior_dim, patch_size)
+        self.queries = nn.Parameter(torch.randn(archived_frames * num_queries, prior_dim) * prior_dim**-0.5)
+        self.layers = nn.ModuleList([
+            BasicTransformerBlock(prior_dim, heads, prior_dim // heads, cross_attention_dim=prior_dim,
+                                  activation_fn="gelu")
+            for _ in range(num_layers)
+        ])
+        self.norm_out = nn.LayerNorm(prior_dim)
+
+    def forward(self, ref_latent: torch.Tensor, archived_latents: torch.Tensor) -> torch.Tensor:
+        """ref_latent (b, 4, h, w), archived_latents (b, a, 4, h, w) -> F_ac (b, a, n, d)."""
+        a = self.config.archived_frames
+        if archived_latents is None or archived_latents.ndim != 5 or archived_latents.shape[1] != a:
+            got = None if archived_latents is None else tuple(archived_latents.shape)
+            raise McdmError(f"archived_latents: b1 expects (b, a={a}, c, h, w), got {got}")
+        batch = ref_latent.shape[0]
+        # 1. tokens: reference (frame 0) and archived frames 1..a, each with its frame index embedded
+        frames = torch.cat([ref_latent[:, None], archived_latents], dim=1)  # (b, 1+a, c, h, w)
+        ref_tokens = self.patchify_reference(frames[:, 0])
+        arch_tokens = self.patchify_archived(rearrange(frames[:, 1:], "b a c h w -> (b a) c h w"))
+        tokens = torch.cat([ref_tokens[:, None], rearrange(arch_tokens, "(b a) m d -> b a m d", a=a)], dim=1)
+        tokens = tokens + sincos_1d(a + 1, tokens.shape[-1], tokens)[None, :, None]
+        tokens = rearrange(tokens, "b a m d -> b (a m) d")
+        # 2. queries: self-attention, cross-attention to all tokens jointly, feed-forward
+        q = repeat(self.queries, "q d -> b q d", b=batch)
+        for layer in self.layers:
+            q = layer(q, encoder_hidden_states=tokens)
+        return rearrange(self.norm_out(q), "b (a n) d -> b a n d", a=a)
+
+
+class ReferenceUNetPrior(ModelMixin, ConfigMixin):
+    """b2: a reference UNet (the denoiser's down path: conv_in, resnets, self-attention transformers) run on
+    the reference latent at t = 0, as in AnimateAnyone / Hallo. Its features at each resolution level,
+    projected to ``prior_dim``, are the tokens of the archived-clip reference attention at that level.
+    No archived frames are used.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 4,
+        down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels: tuple[int, ...] = (32, 64),
+        layers_per_block: int = 1,
+        num_attention_heads: int | tuple[int, ...] = 8,
+        transformer_layers_per_block: int = 1,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        use_linear_projection: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        downsample_padding: int = 1,
+        prior_dim: int = 64,
+    ):
+        super().__init__()
+        n = len(block_out_channels)
+        heads = _per_block(num_attention_heads, n, "num_attention_heads")
+        temb_ch = block_out_channels[0] * 4
+        self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(block_out_channels[0], temb_ch, act_fn="silu")
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        out_ch = block_out_channels[0]
+        for i, block_type in enumerate(down_block_types):
+            in_ch, out_ch = out_ch, block_out_channels[i]
+            self.down_blocks.append(DownBlock(
+                in_ch, out_ch, temb_ch, layers_per_block, add_downsample=i < n - 1,
+                with_attention=block_type == "CrossAttnDownBlock2D", heads=heads[i],
+                transformer_layers=transformer_layers_per_block, norm_groups=norm_num_groups, norm_eps=norm_eps,
+                use_linear_projection=use_linear_projection, downsample_padding=downsample_padding,
+                block_kwargs=dict(archived_dim=None, present_dim=None, temporal=False, level=i)))
+        self.level_proj = nn.ModuleList([nn.Linear(ch, prior_dim) for ch in block_out_channels])
+
+    def load_down_path(self, unet: MCDMUNet) -> None:
+        """Initialise from the denoiser's down path (every key of this model must exist there)."""
+        source = unet.state_dict()
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("level_proj.")}
+        for key, value in own.items():
+            if key not in source or source[key].shape != value.shape:
+                raise McdmError(f"reference UNet: {key} has no matching weight in the denoiser UNet")
+        self.load_state_dict({k: source[k] for k in own}, strict=False)
+
+    def forward(self, ref_latent: torch.Tensor) -> list[torch.Tensor]:
+        """ref_latent (b, 4, h, w) -> one token tensor (b, h_l * w_l, prior_dim) per resolution level."""
+        batch = ref_latent.shape[0]
+        temb = self.time_embedding(self.time_proj(torch.zeros(batch, device=ref_latent.device)).to(ref_latent.dtype))
+        cond = VideoConditioning(num_frames=1, archived_tokens=None, present_tokens=None)
+        x = self.conv_in(ref_latent)
+        levels = []
+        for block, proj in zip(self.down_blocks, self.level_proj):
+            x, skips = block(x, temb, cond)
+            feature = skips[len(block.resnets) - 1]  # before downsampling
+            levels.append(proj(rearrange(feature, "b c h w -> b (h w) c")))
+        return levels
+
+
+class MCDMDenoiser(ModelMixin, ConfigMixin):
+    """MCDM's video denoiser: archived-clip prior (of the variant) + the four-attention UNet.
+
+    Config (besides the UNet structure, see ``MCDMUNet``): ``model_variant`` (full, wo_fa, wo_fpc,
+    wo_mta, b1, b2), ``alpha`` (Eq. 5), ``prior_dim`` d, ``archived_frames`` a, ``num_queries`` n,
+    ``patch_size``, ``frame_attention_heads``, ``qformer_layers`` / ``qformer_heads`` (b1),
+    ``audio_dim`` (wo_fpc's audio features), ``mta_features`` / ``mta_seed`` (FAVOR+).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        model_variant: str = "full",
+        alpha: float = 0.1,
+        latent_channels: int = 4,
+        down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels: tuple[int, ...] = (32, 64),
+        layers_per_block: int = 1,
+        num_attention_heads: int | tuple[int, ...] = 8,
+        transformer_layers_per_block: int = 1,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        use_linear_projection: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        downsample_padding: int = 1,
+        prior_dim: int = 64,
+        archived_frames: int = 4,
+        num_queries: int = 4,
+        patch_size: int = 2,
+        frame_attention_heads: int = 1,
+        qformer_layers: int = 2,
+        qformer_heads: int = 4,
+        audio_dim: int = 80,
+        mta_features: int = 32,
+        mta_seed: int = 0,
+    ):
+        super().__init__()
+        if model_variant not in VARIANTS:
+            raise McdmError(f"variant: unknown {model_variant!r} (choose from {', '.join(VARIANTS)})")
+        structure = dict(
+            down_block_types=tuple(down_block_types), block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block, num_attention_heads=num_attention_heads,
+            transformer_layers_per_block=transformer_layers_per_block, norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps, use_linear_projection=use_linear_projection, flip_sin_to_cos=flip_sin_to_cos,
+            freq_shift=freq_shift, downsample_padding=downsample_padding,
+        )
+        # 1. the UNet: the present-clip attention reads audio features for wo_fpc; wo_mta uses softmax
+        self.unet = MCDMUNet(
+            in_channels=latent_channels, out_channels=latent_channels, up_block_types=tuple(up_block_types),
+            cross_attention_dim=prior_dim,
+            present_attention_dim=audio_dim if model_variant == "wo_fpc" else prior_dim,
+            temporal_attention="softmax" if model_variant == "wo_mta" else "mta",
+            alpha=alpha, mta_features=mta_features, mta_seed=mta_seed, **structure,
+        )
+        # 2. the archived-clip prior of the variant
+        if model_variant == "b1":
+            self.archived_prior = QFormerPrior(latent_channels, prior_dim, patch_size, num_queries, archived_frames,
+                                               qformer_layers, qformer_heads)
+        elif model_variant == "b2":
+            self.archived_prior = ReferenceUNetPrior(in_channels=latent_channels, prior_dim=prior_dim, **structure)
+            self.archived_prior.load_down_path(self.unet)
+        else:
+            self.archived_prior = ArchivedClipPrior(latent_channels, prior_dim, patch_size, num_queries,
+                                                    frame_attention_heads,
+                                                    use_archived_frames=model_variant != "wo_fa")
+
+    # ---------------------------------------------------------------------------------------------
+    # construction from SD weights
+    # ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_unet2d(cls, unet, **config) -> "MCDMDenoiser":
+        """A denoiser whose UNet holds an SD-shaped ``UNet2DConditionModel``'s weights (attn2 -> archived
+        reference attention; new attentions zero-initialised). b2's reference UNet starts as a copy of
+        the same down path. ``config`` gives the MCDM options; the structure comes from ``unet.config``.
+        """
+        structure = MCDMUNet.config_from_unet2d(unet.config)
+        if structure["in_channels"] != structure["out_channels"]:
+            raise McdmError("from_unet2d: source UNet's in_channels and out_channels differ")
+        prior_dim = config.pop("prior_dim", structure["cross_attention_dim"])
+        if prior_dim != structure["cross_attention_dim"]:
+            raise McdmError(f"model.prior_dim {prior_dim} must equal the source UNet's cross_attention_dim "
+                            f"{structure['cross_attention_dim']} (its attn2 becomes the archived-clip attention)")
+        latent_channels = structure.pop("in_channels")
+        structure.pop("out_channels")
+        structure.pop("cross_attention_dim")
+        for key, value in config.items():
+            if key in structure and _as_tuple(value) != _as_tuple(structure[key]):
+                raise McdmError(f"from_unet2d: {key}={value!r} differs from the source UNet's {structure[key]!r}")
+        model = cls(**{**config, **structure, "latent_channels": latent_channels, "prior_dim": prior_dim})
+        model.unet.load_unet2d_state_dict(unet.state_dict())
+        if isinstance(model.archived_prior, ReferenceUNetPrior):
+            model.archived_prior.load_down_path(model.unet)
+        return model
+
+    # ---------------------------------------------------------------------------------------------
+    # training stages (DECISIONS #4)
+    # ---------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def parameter_group(name: str) -> str:
+        """``archived_prior``, ``archived_attention``, ``spatial``, ``present_attention`` or ``temporal_attention``."""
+        if name.startswith("archived_prior."):
+            return "archived_prior"
+        if name.startswith("unet."):
+            return MCDMUNet.parameter_group(name)
+        raise McdmError(f"parameter {name} belongs to no group")
+
+    def trainable_parameter_names(self, stage: int) -> list[str]:
+        if stage not in STAGE_GROUPS:
+            raise McdmError(f"stage: must be 1, 2 or 3 (got {stage})")
+        groups = STAGE_GROUPS[stage]
+        return [name for name, _ in self.named_parameters() if self.parameter_group(name) in groups]
+
+    def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
+        """Parameters trained in ``stage``: 1 = archived prior + archived attention + UNet spatial layers;
+        2 = none (the present-clip prior is trained instead); 3 = present-clip attention + MTA."""
+        names = set(self.trainable_parameter_names(stage))
+        return [p for name, p in self.named_parameters() if name in names]
+
+    def freeze_for_stage(self, stage: int) -> list[nn.Parameter]:
+        """Set ``requires_grad`` for ``stage`` (everything else frozen); returns the trainable parameters."""
+        names = set(self.trainable_parameter_names(stage))
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in names)
+        return [p for name, p in self.named_parameters() if name in names]
+
+    def set_alpha(self, alpha: float) -> None:
+        """Change Eq. 5's alpha (MTA processor and saved config); weights are untouched."""
+        self.unet.set_alpha(alpha)
+        self.register_to_config(alpha=float(alpha))
+
+    # ---------------------------------------------------------------------------------------------
+    # forward
+    # ---------------------------------------------------------------------------------------------
+
+    def encode_archived(
+        self, ref_latent: torch.Tensor, archived_latents: torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """The archived-clip tokens the UNet reads: F_ac flattened to (B, a * n, d); b2: per-level list.
+
+        Independent of the timestep: a sampler computes it once per clip and passes ``archived_tokens``.
+        """
+        variant = self.config.model_variant
+        if variant == "b2":
+            return self.archived_prior(ref_latent)
+        if variant == "wo_fa":
+            f_ac = self.archived_prior(ref_latent, None)
+        else:
+            if archived_latents is not None and archived_latents.ndim == 5 \
+                    and archived_latents.shape[1] != self.config.archived_frames:
+                raise McdmError(f"archived_latents: expected a={self.config.archived_frames} archived frames, "
+                                f"got {archived_latents.shape[1]}")
+            f_ac = self.archived_prior(ref_latent, archived_latents)
+        return rearrange(f_ac, "b a n d -> b (a n) d")
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        ref_latent: torch.Tensor | None = None,
+        archived_latents: torch.Tensor | None = None,
+        present_tokens: torch.Tensor | None = None,
+        audio_tokens: torch.Tensor | None = None,
+        memory_state: MemoryState | None = None,
+        landmark_features: torch.Tensor | None = None,
+        archived_tokens: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        return_dict: bool = True,
+    ) -> MCDMUNetOutput | tuple:
+        """Predict the noise of one clip.
+
+        Args:
+            sample: noisy latents (B, 4, F, h, w).
+            timestep: scalar or (B,).
+            ref_latent: frozen-VAE latent of the reference frame (B, 4, h, w).
+            archived_latents: frozen-VAE latents of the archived frames (B, a, 4, h, w); ignored by
+                wo_fa and b2 (no archived-clip information).
+            present_tokens: present-clip prior tokens F_pc (B, F, n_pc, prior_dim); None skips the
+                present-clip attention (stage 1). Not used by wo_fpc.
+            audio_tokens: wo_fpc only: per-frame audio windows (B, F, k, audio_dim).
+            memory_state: MTA memory returned for the previous clip (None for the first clip).
+            landmark_features: landmark guider output (B, block_out_channels[0], F, h, w), added after conv_in.
+            archived_tokens: precomputed ``encode_archived(...)`` (then ref/archived latents are not needed).
+        Returns:
+            MCDMUNetOutput(sample: predicted noise (B, 4, F, h, w), memory_state: block -> (B, h_l*w_l, C)
+            to pass with the next clip; None for wo_mta).
+        """
+        # 1. archived-clip motion prior F_ac (independent of the timestep)
+        if archived_tokens is None:
+            if ref_latent is None:
+                raise McdmError("ref_latent: required (or pass precomputed archived_tokens)")
+            archived_tokens = self.encode_archived(ref_latent, archived_latents)
+        # 2. what the present-clip attention reads: F_pc, or audio features for wo_fpc
+        if self.config.model_variant == "wo_fpc":
+            if present_tokens is not None:
+                raise McdmError("present_tokens: variant wo_fpc has no present-clip prior; pass audio_tokens")
+            conditioning = audio_tokens
+        else:
+            if audio_tokens is not None:
+                raise McdmError(f"audio_tokens: only variant wo_fpc reads audio (this is {self.config.model_variant})")
+            conditioning = present_tokens
+        # 3. denoising UNet
+        return self.unet(sample, timestep, archived_tokens, conditioning, memory_state=memory_state,
+                         conv_in_residual=landmark_features, return_dict=return_dict)
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+# --------------------------------------------------------------------------------------------------
+# builder from the params schema
+# --------------------------------------------------------------------------------------------------
+
+
+def denoiser_config(params: Params) -> dict:
+    """``MCDMDenoiser`` config from the validated params (top-level ``variant`` / ``alpha`` + ``model``)."""
+    m = params.model
+    n = len(m.block_out_channels)
+    down = m.down_block_types or ["CrossAttnDownBlock2D"] * n
+    up = m.up_block_types or ["CrossAttnUpBlock2D"] * n
+    return dict(
+        model_variant=params.variant,
+        alpha=params.alpha,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(m.block_out_channels),
+        layers_per_block=m.layers_per_block,
+        num_attention_heads=m.attention_head_dim,
+        norm_num_groups=m.norm_num_groups,
+        prior_dim=m.prior_dim,
+        archived_frames=m.archived_frames,
+        num_queries=m.num_queries,
+        patch_size=m.patch_size,
+        frame_attention_heads=m.frame_attention_heads,
+        qformer_layers=m.qformer_layers,
+        qformer_heads=m.prior_heads,
+        audio_dim=m.audio_dim,
+        mta_features=m.mta_features,
+    )
+
+
+def build_denoiser(params: Params, unet2d=None) -> MCDMDenoiser:
+    """The variant's denoiser; with ``unet2d`` (the base SD-shaped UNet) its weights are loaded.
+
+    The base UNet's structure must agree with ``params.model`` (a mismatch names the key).
+    """
+    config = denoiser_config(params)
+    if unet2d is None:
+        model = MCDMDenoiser(**config)
+    else:
+        model = MCDMDenoiser.from_unet2d(unet2d, **config)
+    if params.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
