@@ -32,7 +32,7 @@ class DataParams(Section):
     scene_detector: Literal["content", "adaptive"] = "adaptive"
     scene_threshold: float = Field(3.0, gt=0, description="PySceneDetect threshold (adaptive_threshold or content threshold)")
     resolution: int = Field(64, ge=16, description="side of the square talking-head crop")
-    min_face_px: int = Field(48, ge=8, description="smallest accepted face box side, in source pixels")
+    min_face_px: int = Field(80, ge=8, description="smallest accepted face box side, in source pixels (dlib detects at 80 / min_face_px scale)")
     face_detector: Literal["dlib", "scrfd"] = "dlib"
     scrfd_path: Optional[str] = Field(None, description="local SCRFD ONNX file when face_detector: scrfd")
     face_sample_every: int = Field(5, ge=1, description="run the detector on every k-th frame")
@@ -70,7 +70,7 @@ class QualityParams(Section):
     backend: Literal["classical", "hyperiqa"] = "classical"
     hyperiqa_path: Optional[str] = None
     min_resolution: int = Field(96, ge=1, description="shorter side of the source face box, pixels")
-    min_sharpness: float = Field(20.0, ge=0, description="variance of the Laplacian on the face crop")
+    min_sharpness: float = Field(35.0, ge=0, description="variance of the Laplacian of the face resized to analysis_px")
     min_brightness: float = Field(40.0, ge=0, le=255)
     max_brightness: float = Field(220.0, ge=0, le=255)
     max_blockiness: float = Field(1.6, gt=0, description="8x8 boundary / interior gradient ratio")
@@ -198,7 +198,8 @@ class TrainParams(Section):
     deterministic: bool = Field(True, description="deterministic algorithms + fixed seeds (bitwise resume on CPU)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
-    ema: bool = False
+    ema: bool = Field(False, description="export an exponential moving average of the trained weights (diffusers EMAModel)")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with diffusers' warm-up: min(decay, (1 + n) / (10 + n)))")
     stage1: StageParams = Field(default_factory=StageParams)
     stage2: StageParams = Field(default_factory=StageParams)
     stage3: StageParams = Field(default_factory=lambda: StageParams(clips_per_run=2))
@@ -206,16 +207,27 @@ class TrainParams(Section):
 
 class EvalParams(Section):
     steps: int = Field(10, ge=1, description="DDIM steps at generation")
-    long_term_seconds: float = Field(40.0, gt=0)
-    max_test_clips: int = Field(8, ge=1)
+    long_term_seconds: float = Field(20.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
+    max_test_clips: int = Field(8, ge=1, description="test clips generated and measured")
     inception_path: Optional[str] = Field(None, description="StyleGAN-family TorchScript Inception (inception-2015-12-05.pt) for FID; else the dlib-descriptor-128 fallback")
     i3d_path: Optional[str] = Field(None, description="StyleGAN-V TorchScript I3D (i3d_torchscript.pt) for FVD; else the dlib landmark-dynamics fallback")
     deep3d_path: Optional[str] = Field(None, description="TorchScript export of Deep3DFaceRecon's R-Net (257 coefficients) for E-FID; else landmark-expression-offsets")
     fvd_clip_frames: int = Field(16, ge=2, description="frames per FVD clip (non-overlapping clips of each video)")
     fvd_fallback_descriptor_every: int = Field(4, ge=1, description="FVD fallback: dlib descriptor on every k-th frame of a clip (landmarks on all)")
-    frame_stride: int = Field(1, ge=1, description="FID, E-FID and identity use every k-th frame of each video (FVD and SSIM use all)")
+    frame_stride: int = Field(2, ge=1, description="FID, E-FID and identity use every k-th frame of each video (FVD and SSIM use all); the dlib descriptor costs ~0.15 s of CPU per frame")
     dlib_min_side: int = Field(160, ge=32, description="frames smaller than this are upscaled (integer factor) before dlib face analysis")
     drift_tail: float = Field(0.1, gt=0, le=0.5, description="identity drift = mean of the last this-fraction of frames minus the first")
+    # generation of the test set (mcdm evaluate)
+    clip_seconds: Optional[float] = Field(2.0, gt=0, description="each test clip is generated for at most this many seconds (null: the whole clip)")
+    batch_size: int = Field(4, ge=1, description="test clips generated together in one batch")
+    threads: int = Field(2, ge=1, description="torch CPU threads of generation and metrics")
+    use_landmarks: bool = Field(False, description="drive generation with the ground truth's landmarks (the paper's default is without)")
+    n_samples: int = Field(2, ge=0, description="generated test clips written as sample mp4s (with their audio)")
+    grid_clips: int = Field(4, ge=1, description="test clips (rows) in the frame grid")
+    grid_times: int = Field(4, ge=1, description="times per clip in the frame grid (ground truth and generated side by side)")
+    # long-term curve (Figure 5) on the long_term-flagged test clips
+    long_term_clips: int = Field(1, ge=1, description="long-term test clips generated (the curve is their mean)")
+    long_term_every: int = Field(5, ge=1, description="long-term curve: one row per this many frames (SSIM averaged over them, identity on the first)")
 
 
 class AblationParams(Section):

@@ -1,0 +1,689 @@
+"""MLflow tracking: where the store is, one run per stage nested under one run per pipeline
+execution, params / tags / metrics / pictures, the model registry, and a fallback so that tracking
+never stops a training run.
+
+**Store.** ``MLFLOW_TRACKING_URI`` when set; otherwise ``sqlite:///<project root>/mlflow.db``.
+Runs in local stores keep their artifacts in ``<project root>/mlartifacts`` (both git-ignored).
+The project root is the *original* repository even inside ``dvc exp run`` workspaces: ``DVC_ROOT``
+(DVC sets it for every stage command, pointing at the parent repo for temp and queued experiments),
+else the path before ``.dvc/tmp/exps/`` in the working directory, else the main worktree of git
+(its common dir), else the nearest folder with ``.dvc`` or ``.git``.
+
+**Runs.** :func:`stage_run` opens the run of one stage (on rank 0; other ranks get a no-op), tagged
+``stage, variant, seed, alpha, params_hash, git_rev`` (+ ``dvc_stage``, ``git_dirty``), with the
+validated params flattened as MLflow params. Its parent is
+
+* ``MCDM_PARENT_RUN_ID`` when set: a Prefect flow opens it (:func:`start_parent_run`) and passes it on;
+* otherwise a run keyed by the ``dvc`` process that started this stage (host, pid, start time, and
+  ``DVC_EXP_NAME``): the first stage of a ``dvc repro`` creates it, the following stages find it by
+  that tag, so all stages of one ``dvc repro`` / ``dvc exp run`` nest under one parent;
+* neither (the stage started by hand): the stage's run is top-level.
+The parent's status follows its children: RUNNING while a stage runs, then the stage's end status.
+
+**Fallback.** An unreachable server (or any store error) never kills the run: the first failure
+warns once (:class:`TrackingUnavailable`) and the run continues in the local sqlite store of the
+project, with the same tags and params plus ``mcdm.offline_from=<uri>``. If that store fails too,
+records go to ``<project root>/logs/mlflow-offline/<run>.jsonl`` (artifacts copied beside it).
+HTTP stores get short timeouts and few retries (``MLFLOW_HTTP_REQUEST_*`` unless already set) so a
+dead server costs seconds, not minutes.
+
+**Registry.** :meth:`Tracker.register_model` logs an exported folder and adds it as a new version
+of ``registry.name`` (tags ``variant``, ``alpha``, ...), aliased ``candidate``;
+:func:`register_stage_model` does so only for the main line (variant ``full`` at the default alpha).
+:func:`promote` moves ``champion`` to a version when its ``registry.primary_metric`` beats the
+champion's (lower is better unless ``registry.lower_is_better`` is false). Aliases only, never stages.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from mcdm.errors import McdmError
+
+PARENT_RUN_ENV = "MCDM_PARENT_RUN_ID"
+PIPELINE_TAG = "mcdm.pipeline"
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+OFFLINE_DIR = Path("logs") / "mlflow-offline"
+CANDIDATE, CHAMPION = "candidate", "champion"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+METRIC_FLUSH_SECONDS = 5.0
+METRIC_FLUSH_COUNT = 500
+
+
+class TrackingUnavailable(UserWarning):
+    """The tracking store failed; the run goes on logging locally."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Where things are
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The original project folder, also from inside ``dvc exp`` workspaces and git worktrees."""
+    if start is None and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for folder in (here, *here.parents):
+        if (folder / ".git").is_file():  # a linked worktree: the main one holds the store
+            common = _git(["rev-parse", "--path-format=absolute", "--git-common-dir"], folder)
+            if common:
+                return Path(common).parent
+        if (folder / ".dvc").is_dir() or (folder / ".git").is_dir():
+            return folder
+    return here
+
+
+def default_tracking_uri(project_dir: str | Path | None = None) -> str:
+    """``sqlite:///`` + the absolute path of ``mlflow.db`` at the project root."""
+    root = Path(project_dir).resolve() if project_dir is not None else project_root()
+    return f"sqlite:///{root / DB_NAME}"
+
+
+def tracking_uri(project_dir: str | Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_dir)
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+def _git(args: list[str], cwd: str | Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(cwd: str | Path | None = None) -> tuple[str, bool]:
+    """(commit of HEAD or 'unknown', whether tracked files differ from it)."""
+    cwd = cwd or Path.cwd()
+    rev = _git(["rev-parse", "HEAD"], cwd)
+    if not rev:
+        return "unknown", False
+    return rev, bool(_git(["status", "--porcelain", "--untracked-files=no"], cwd))
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"stage1": {"lr": 1e-4}}}`` -> ``{"train.stage1.lr": "0.0001"}`` (MLflow params)."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(list(value))[:6000]
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def pipeline_key() -> Optional[str]:
+    """Identifies the ``dvc repro`` / ``dvc exp run`` execution this process belongs to: the nearest
+    ``dvc`` ancestor process (plus the experiment name DVC exports), or None outside DVC."""
+    import psutil
+
+    try:
+        ancestors = psutil.Process().parents()
+    except psutil.Error:
+        return None
+    for proc in ancestors:
+        try:
+            cmd = proc.cmdline()
+            started = proc.create_time()
+        except psutil.Error:
+            continue
+        names = [Path(c).name for c in cmd[:2]]
+        if "dvc" in names or cmd[1:3] == ["-m", "dvc"]:
+            key = f"{socket.gethostname()}:{proc.pid}:{started:.2f}"
+            exp = os.environ.get("DVC_EXP_NAME")
+            return f"{key}:{exp}" if exp else key
+    return None
+
+
+def run_tags(params, stage: str) -> dict[str, str]:
+    rev, dirty = git_state()
+    tags = {"stage": stage, "variant": params.variant, "seed": str(params.seed), "alpha": str(params.alpha),
+            "params_hash": params.hash(), "git_rev": rev, "git_dirty": str(dirty).lower()}
+    if rev != "unknown":
+        tags["mlflow.source.git.commit"] = rev
+    if os.environ.get("DVC_STAGE"):
+        tags["dvc_stage"] = os.environ["DVC_STAGE"]
+    return tags
+
+
+def is_main_line(params) -> bool:
+    """The run that registers model versions: variant ``full`` at the schema's default alpha."""
+    from mcdm.config import Params
+
+    return params.variant == "full" and params.alpha == Params.model_fields["alpha"].default
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends: one MLflow run, or a JSONL file when no store works
+
+
+def _http_defaults(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        for k, v in HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+
+
+@contextlib.contextmanager
+def _no_retries(uri: str):
+    """Probe a remote store once, quickly, before committing a run to it."""
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _check_sqlite(uri: str) -> None:
+    """Fail fast on a sqlite store that cannot open (MLflow itself retries for ~100 s)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    path = path if path.is_absolute() else Path("/", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as err:
+        raise OSError(f"sqlite store {path}: {err}") from None
+
+
+def _experiment_id(client, name: str, uri: str, root: Path) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (root / ARTIFACTS_DIR).as_uri() if _is_local(uri) else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class MlflowRun:
+    """One MLflow run written through ``MlflowClient`` (no global active-run state)."""
+
+    def __init__(self, uri: str, experiment: str, name: str, tags: Mapping[str, str],
+                 params: Mapping[str, str], parent: Optional[str], system_metrics: Optional[float],
+                 root: Path, parent_owned_key: Optional[str] = None):
+        from mlflow import MlflowClient
+
+        _http_defaults(uri)
+        _check_sqlite(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _no_retries(uri):
+            self.experiment_id = _experiment_id(self.client, experiment, uri, root)
+        self.parent = parent if parent and self._exists(parent) else None
+        if self.parent is None and parent_owned_key:
+            self.parent = self._keyed_parent(parent_owned_key, tags)
+        run_tags = dict(tags)
+        if self.parent:
+            run_tags["mlflow.parentRunId"] = self.parent
+            self.client.update_run(self.parent, status="RUNNING")
+        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=name)
+        self.run_id = run.info.run_id
+        self.artifact_uri = run.info.artifact_uri
+        self.log(params=params)
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics, tracking_uri=uri)
+            self.monitor.start()
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
+
+    def _keyed_parent(self, key: str, tags: Mapping[str, str]) -> str:
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'",
+                                        max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        exp = os.environ.get("DVC_EXP_NAME")
+        name = f"dvc {'exp ' + exp if exp else 'repro'} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        shared = {k: tags[k] for k in ("variant", "seed", "alpha", "params_hash", "git_rev") if k in tags}
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**shared, "stage": "pipeline", PIPELINE_TAG: key})
+        return run.info.run_id
+
+    def log(self, params: Mapping[str, str] | None = None, metrics: list[tuple] | None = None,
+            tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        items = list((params or {}).items())
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        for i in range(0, len(metrics or []), 1000):
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step
+                                                        in metrics[i:i + 1000]])
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def artifact(self, path: Path, artifact_path: Optional[str]) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def register(self, model_dir: Path, name: str, tags: Mapping[str, str]) -> Optional[str]:
+        from mlflow.exceptions import MlflowException
+
+        self.artifact(model_dir, "model")
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, source=f"{self.artifact_uri}/model", run_id=self.run_id,
+                                                   tags=dict(tags)).version
+        self.client.set_registered_model_alias(name, CANDIDATE, version)
+        self.log(tags={"registered_model": name, "registered_version": version})
+        return str(version)
+
+    def mark_killed(self, run_id: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status="KILLED")
+        except MlflowException:
+            pass  # the killed run lived in another store
+
+    def end(self, status: str) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+        self.client.set_terminated(self.run_id, status=status)
+        if self.parent:
+            self.client.set_terminated(self.parent, status=status)
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(Exception):
+                self.monitor.finish()
+            self.monitor = None
+
+
+class JsonlRun:
+    """The last resort: records appended to a local JSONL file, artifacts copied beside it."""
+
+    def __init__(self, root: Path, name: str, tags: Mapping[str, str], params: Mapping[str, str]):
+        self.run_id = f"offline-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.dir = root / OFFLINE_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"{self.run_id}.jsonl"
+        self.uri = str(self.path)
+        self._write({"kind": "start", "name": name, "tags": dict(tags), "params": dict(params)})
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def log(self, params=None, metrics=None, tags=None) -> None:
+        if params:
+            self._write({"kind": "params", "params": dict(params)})
+        if tags:
+            self._write({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        for key, value, _, step in metrics or []:
+            self._write({"kind": "metric", "key": key, "value": value, "step": step})
+
+    def artifact(self, path: Path, artifact_path: Optional[str]) -> None:
+        dest = self.dir / self.run_id / (artifact_path or "") / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
+        self._write({"kind": "artifact", "path": str(dest), "artifact_path": artifact_path})
+
+    def register(self, model_dir: Path, name: str, tags: Mapping[str, str]) -> Optional[str]:
+        self._write({"kind": "register_skipped", "model_dir": str(model_dir), "name": name, "tags": dict(tags)})
+        return None
+
+    def mark_killed(self, run_id: str) -> None:
+        pass
+
+    def end(self, status: str) -> None:
+        self._write({"kind": "end", "status": status})
+
+    def stop_monitor(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# The tracker a stage uses
+
+
+class Tracker:
+    """The run of one stage. No method raises because the store failed: the first failure warns
+    once and the run continues in the local store (then a JSONL file)."""
+
+    def __init__(self, *, stage: str, experiment: str, tags: Mapping[str, str], params: Mapping[str, str],
+                 uri: Optional[str] = None, root: Optional[Path] = None, system_metrics: Optional[float] = None,
+                 run_name: Optional[str] = None):
+        self.root = root or project_root()
+        self.uri = uri or tracking_uri(self.root)
+        self.experiment = experiment
+        self.name = run_name or stage
+        self.tags = dict(tags)
+        self.params = dict(params)
+        self.system_metrics = system_metrics
+        self._pending: list[tuple] = []
+        self._last_flush = time.time()
+        self._warned = False
+        self.backend: MlflowRun | JsonlRun | None = None
+        self._open(self.uri, parent=os.environ.get(PARENT_RUN_ENV), key=pipeline_key())
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.backend.run_id if self.backend else None
+
+    @property
+    def parent_run_id(self) -> Optional[str]:
+        return getattr(self.backend, "parent", None)
+
+    def _open(self, uri: str, parent: Optional[str], key: Optional[str]) -> None:
+        try:
+            self.backend = MlflowRun(uri, self.experiment, self.name, self.tags, self.params, parent,
+                                     self.system_metrics, self.root, parent_owned_key=None if parent else key)
+            self.uri = uri
+        except Exception as err:  # noqa: BLE001 -- any store failure: continue locally (the module's promise)
+            self._fall_back(err, failed_uri=uri)
+
+    def _fall_back(self, err: BaseException, failed_uri: str) -> None:
+        if self.backend is not None:
+            self.backend.stop_monitor()
+        local = default_tracking_uri(self.root)
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        offline = {"mcdm.offline_from": failed_uri}
+        if failed_uri != local:
+            target = f"the local store {local}"
+        else:
+            target = f"{self.root / OFFLINE_DIR}"
+        if not self._warned:
+            warnings.warn(f"MLflow tracking at {failed_uri} failed ({type(err).__name__}: {first_line}); "
+                          f"the run continues, logging to {target}", TrackingUnavailable, stacklevel=4)
+            self._warned = True
+        self.tags.update(offline)
+        self.backend = None
+        if failed_uri != local:
+            try:
+                self.backend = MlflowRun(local, self.experiment, self.name, self.tags, self.params, None,
+                                         self.system_metrics, self.root)
+                self.uri = local
+                return
+            except Exception:  # noqa: BLE001 -- the local store failed as well: JSONL below
+                pass
+        try:
+            self.backend = JsonlRun(self.root, self.name, self.tags, self.params)
+            self.uri = self.backend.uri
+        except OSError:
+            self.backend = None  # nowhere to write: tracking is off for this run
+
+    def _safe(self, fn) -> Any:
+        """Run ``fn(backend)``; on a store failure switch backend (warning once) and retry there."""
+        for _ in range(3):
+            if self.backend is None:
+                return None
+            try:
+                return fn(self.backend)
+            except Exception as err:  # noqa: BLE001 -- see the class docstring
+                self._fall_back(err, failed_uri=self.uri)
+        return None
+
+    # -- logging ----------------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = flatten_params(params)
+        self.params.update(flat)
+        self._safe(lambda b: b.log(params=flat))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        tags = {k: str(v) for k, v in tags.items()}
+        self.tags.update(tags)
+        self._safe(lambda b: b.log(tags=tags))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self._pending.extend((k, float(v), ts, int(step)) for k, v in metrics.items())
+        if len(self._pending) >= METRIC_FLUSH_COUNT or time.time() - self._last_flush >= METRIC_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._last_flush = time.time()
+        if pending:
+            self._safe(lambda b: b.log(metrics=pending))
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise McdmError(f"artifact {path} does not exist")
+        self.flush()
+        self._safe(lambda b: b.artifact(path, artifact_path))
+
+    def log_image_grid(self, frames, name: str = "samples.png", artifact_path: str = "samples",
+                       ncols: Optional[int] = None) -> Path:
+        """Tile frames into one PNG and log it; returns the PNG's local path."""
+        from PIL import Image
+
+        grid = image_grid(frames, ncols)
+        out = Path(tempfile.mkdtemp(prefix="mcdm-grid-")) / name
+        Image.fromarray(grid).save(out)
+        self.log_artifact(out, artifact_path)
+        return out
+
+    def log_video(self, path: str | Path, artifact_path: str = "samples") -> None:
+        """Log a sample mp4 (e.g. written by :func:`mcdm.data.io.write_video`)."""
+        self.log_artifact(path, artifact_path)
+
+    def resumed(self, step: int, previous_run: Optional[str]) -> None:
+        """Called by the engine when it resumes: tag this run and close the killed one."""
+        self.set_tags({"resumed_from_step": step, **({"resumed_from_run": previous_run} if previous_run else {})})
+        if previous_run and previous_run != self.run_id:
+            self._safe(lambda b: b.mark_killed(previous_run))
+
+    def register_model(self, model_dir: str | Path, name: str, tags: Mapping[str, Any]) -> Optional[str]:
+        """Log ``model_dir`` and add it as a new version of ``name`` (alias ``candidate``)."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise McdmError(f"model folder {model_dir} does not exist")
+        self.flush()
+        version = self._safe(lambda b: b.register(model_dir, name, {k: str(v) for k, v in tags.items()}))
+        if version is None:
+            warnings.warn(f"{name}: no version registered (no model registry reachable); register "
+                          f"{model_dir} later", TrackingUnavailable, stacklevel=2)
+        return version
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self._safe(lambda b: b.end(status))
+
+
+class NullTracker:
+    """What ranks other than 0 get: every call does nothing."""
+
+    run_id = None
+    parent_run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stage_run(params, stage: str, *, tags: Optional[Mapping[str, Any]] = None) -> Iterator[Tracker | NullTracker]:
+    """The MLflow run of one stage (see the module docstring): params logged, tags set, ended with
+    FINISHED / FAILED / KILLED as the block ends."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield NullTracker()
+        return
+    all_tags = {**run_tags(params, stage), **{k: str(v) for k, v in (tags or {}).items()}}
+    name = f"{stage} [{params.variant} alpha={params.alpha} seed={params.seed}]"
+    tracker = Tracker(stage=stage, experiment=params.tracking.experiment, tags=all_tags,
+                      params=flatten_params(params.model_dump(mode="json")), run_name=name,
+                      system_metrics=params.tracking.system_metrics_interval if params.tracking.system_metrics else None)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.close(status)
+
+
+def register_stage_model(tracker, params, model_dir: str | Path) -> Optional[str]:
+    """After stage 3: a new version of ``registry.name`` from the main line only (DECISIONS #16)."""
+    if not is_main_line(params):
+        return None
+    return tracker.register_model(model_dir, params.registry.name,
+                                  {"variant": params.variant, "alpha": params.alpha, "seed": params.seed,
+                                   "params_hash": params.hash(), "git_rev": tracker.tags.get("git_rev", "unknown")})
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent runs for flows, promotion
+
+
+def _experiment_name(project_dir: Path) -> str:
+    from mcdm.config import ParamsError, TrackingParams, load_params
+
+    try:
+        return load_params(project_dir / "params.yaml").tracking.experiment
+    except (ParamsError, OSError):
+        return TrackingParams().experiment
+
+
+def start_parent_run(project_dir: str | Path, name: str, tags: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """Open the parent run of one flow execution; put its id in ``MCDM_PARENT_RUN_ID`` of the
+    stages' environment. Returns None (with a warning) when no store is reachable."""
+    from mlflow import MlflowClient
+
+    root = Path(project_dir).resolve()
+    uri = tracking_uri(root)
+    _http_defaults(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        with _no_retries(uri):
+            exp = _experiment_id(client, _experiment_name(root), uri, root)
+        rev, _ = git_state(root)
+        run = client.create_run(exp, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                tags={"stage": "pipeline", "flow": name, "git_rev": rev,
+                                      **{k: str(v) for k, v in (tags or {}).items()}})
+    except Exception as err:  # noqa: BLE001 -- a flow runs without tracking rather than not at all
+        warnings.warn(f"MLflow tracking at {uri} failed ({type(err).__name__}); the flow runs without a "
+                      "parent run", TrackingUnavailable, stacklevel=2)
+        return None
+    return run.info.run_id
+
+
+def end_parent_run(run_id: Optional[str], status: str = "FINISHED", project_dir: str | Path | None = None) -> None:
+    from mlflow import MlflowClient
+
+    if run_id:
+        MlflowClient(tracking_uri=tracking_uri(project_dir)).set_terminated(run_id, status=status)
+
+
+def promote(name: str, version: str | int, metric: str, value: float, *, lower_is_better: bool = True,
+            uri: Optional[str] = None) -> bool:
+    """Record ``metric=value`` on the version and move ``champion`` to it when it beats the current
+    champion (or there is none). Returns whether it became champion. Registry errors raise
+    :class:`McdmError` (the caller retries; a flow does)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not math.isfinite(value):
+        raise McdmError(f"{name} v{version}: {metric} is {value}, cannot rank it")
+    uri = uri or tracking_uri()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = str(version)
+    try:
+        client.set_model_version_tag(name, version, metric, str(value))
+        try:
+            champion = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            champion = None
+        if champion is not None and str(champion.version) != version:
+            best = float(champion.tags.get(metric, "nan"))
+            if math.isfinite(best) and (value >= best if lower_is_better else value <= best):
+                return False
+        client.set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException as err:
+        raise McdmError(f"registry {uri}: {name} v{version}: {str(err).splitlines()[0]}") from None
+    return True
+
+
+def promote_by_metric(params, version: str | int, value: float, uri: Optional[str] = None) -> bool:
+    return promote(params.registry.name, version, params.registry.primary_metric, value,
+                   lower_is_better=params.registry.lower_is_better, uri=uri)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pictures
+
+
+def image_grid(frames, ncols: Optional[int] = None) -> np.ndarray:
+    """Tile N frames, (N, H, W, C) or (N, C, H, W) with C in {1, 3}, uint8 or float in [0, 1], into
+    one (rows*H, cols*W, 3) uint8 image; missing cells are black."""
+    from einops import rearrange
+
+    x = frames.detach().cpu().float().numpy() if hasattr(frames, "detach") else np.asarray(frames)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4:
+        raise McdmError(f"image grid: expected (N, H, W, C) or (N, C, H, W) frames, got shape {x.shape}")
+    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = rearrange(x, "n c h w -> n h w c")
+    if x.dtype != np.uint8:
+        x = (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    n = len(x)
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    pad = np.zeros((nrows * ncols - n, *x.shape[1:]), dtype=np.uint8)
+    return rearrange(np.concatenate([x, pad]), "(r c) h w ch -> (r h) (c w) ch", r=nrows)
