@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # stages call `mcdm`, `dvc`, `deepspeed` from the venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test install params-default params-micro params-paper clean-venv
+.PHONY: run test install browser params-default params-micro params-paper clean-venv
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -26,7 +26,7 @@ run: install
 	$(VENV)/bin/dvc repro
 
 ## the test suite (pytest exit 5, "no tests collected", is not a failure)
-test: install
+test: install browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
@@ -35,3 +35,37 @@ params-default params-micro params-paper: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---- services on 127.0.0.1, each with a pid file and a log under run/; stopped by those pids only ----
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+RUN_DIR := run
+
+.PHONY: prefect-up prefect-down mlflow-ui mlflow-down
+
+prefect-up: install
+	@mkdir -p $(RUN_DIR) .prefect
+	@$(PY) -m mcdm.services start prefect-server --port $(PREFECT_PORT) --run-dir $(RUN_DIR)
+	@$(PY) -m mcdm.services start prefect-serve --port $(PREFECT_PORT) --run-dir $(RUN_DIR)
+
+prefect-down:
+	@$(PY) -m mcdm.services stop prefect-serve --run-dir $(RUN_DIR)
+	@$(PY) -m mcdm.services stop prefect-server --run-dir $(RUN_DIR)
+
+mlflow-ui: install
+	@mkdir -p $(RUN_DIR)
+	@$(PY) -m mcdm.services start mlflow-ui --port $(MLFLOW_PORT) --run-dir $(RUN_DIR)
+
+mlflow-down:
+	@$(PY) -m mcdm.services stop mlflow-ui --run-dir $(RUN_DIR)
+
+## Debian's chromium + chromedriver for the MLflow UI browser test: installed only when running as
+## root with apt-get; elsewhere that one test skips and says why. The core set-up needs only pip.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium + chromium-driver (apt-get) for the MLflow UI browser test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	      >/dev/null 2>&1 || echo "browser install failed: the MLflow UI browser test will skip"; \
+	  else echo "not root or no apt-get: the MLflow UI browser test will skip"; fi; \
+	fi

@@ -231,7 +231,9 @@ def _experiment_id(client, name: str, uri: str, root: Path) -> str:
         return exp.experiment_id
     location = (root / ARTIFACTS_DIR).as_uri() if _is_local(uri) else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        # the MLflow 3 UI opens "model training" experiments on their runs table (not the GenAI overview)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -1,0 +1,110 @@
+"""sync_filter: drop clips whose audio and lips are out of sync (paper's data step 4, issue 3).
+
+For every clip of ``data/quality/kept.parquet`` the SyncNet of ``syncnet_train`` (or the official
+weights it converted) scores the face crop against its own audio with the standard offset search
+(``mcdm.sync.evaluate.sync_scores``, the same code as the Sync-C / Sync-D metrics):
+
+- ``av_offset`` (frames; negative = audio lags video), ``sync_conf`` (Sync-C), ``sync_dist`` (Sync-D);
+- rejected when ``|av_offset| > syncnet.max_abs_offset`` (``av_offset``) or ``sync_conf`` is below
+  ``syncnet.min_confidence`` (``min_confidence_official`` for the official network) (``low_sync_conf``);
+  an unreadable or too-short clip is a reject too, never a silent loss.
+
+Outputs: ``<out>/kept.parquet`` (quality columns + ``av_offset, sync_conf, sync_dist``),
+``<out>/rejects.csv``, ``<out>/summary.json`` and ``<out>/scores.csv`` (every scored clip with its
+decision, for the report and threshold tuning).
+"""
+from __future__ import annotations
+
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from mcdm.config import Params
+from mcdm.data.io import MediaError
+from mcdm.data.parallel import Crashed, map_videos
+from mcdm.data.rejects import StageSummary, finish_stage, reject_row, write_csv
+from mcdm.sync.evaluate import backend_name, sync_scores
+from mcdm.sync.syncnet import OfficialSyncNet, load_syncnet
+
+STAGE = "sync_filter"
+SCORE_COLUMNS = ["av_offset", "sync_conf", "sync_dist"]
+_MODELS: dict[tuple[str, int], object] = {}  # per process: (model dir, torch threads) -> model
+
+
+def _model(model_path: str, threads: int):
+    import torch
+
+    key = (str(Path(model_path).resolve()), threads)
+    if key not in _MODELS:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        _MODELS[key] = load_syncnet(model_path)
+    return _MODELS[key]
+
+
+def score_clip(row: dict, model_path: str, max_offset: int, threads: int = 0) -> dict:
+    """Sync scores of one clip row, or ``{"error": reason}`` for an unusable clip."""
+    model = _model(model_path, threads)
+    lm = row.get("landmarks_path")
+    landmarks = lm if isinstance(lm, str) and lm and Path(lm).is_file() else None
+    try:
+        return sync_scores(row["crop_path"], landmarks=landmarks, model=model, max_offset=max_offset)
+    except MediaError as err:
+        return {"error": f"unreadable: {err}"}
+    except ValueError as err:  # too short for one 5-frame window
+        return {"error": f"too_short: {err}"}
+
+
+def min_confidence(params: Params, model) -> float:
+    sp = params.syncnet
+    return sp.min_confidence_official if isinstance(model, OfficialSyncNet) else sp.min_confidence
+
+
+def sync_filter(clips: pd.DataFrame, model_path: str | os.PathLike, params: Params,
+                out_dir: str | os.PathLike) -> StageSummary:
+    """Score every clip, write kept / rejects / scores under ``out_dir``; return the summary."""
+    started = time.perf_counter()
+    sp = params.syncnet
+    model = load_syncnet(model_path)  # fail early, in this process, on a missing or bad model
+    conf_cut = min_confidence(params, model)
+    workers = params.data.workers
+    rows = clips.to_dict("records")
+    fn = partial(score_clip, model_path=str(model_path), max_offset=sp.max_offset,
+                 threads=1 if (workers > 1 or params.data.dask_address) else 0)
+    results = map_videos(fn, rows, workers=workers, address=params.data.dask_address, desc=STAGE,
+                         cost=lambda r: float(r.get("n_frames") or 0))
+    kept, rejects, scored = [], [], []
+    for row, res in zip(rows, results):
+        file, clip_id = str(row.get("file", row["clip_id"])), str(row["clip_id"])
+        if isinstance(res, Crashed):
+            rejects.append(reject_row(file, STAGE, "crashed", res.reason, clip_id))
+            continue
+        if "error" in res:
+            code, _, detail = res["error"].partition(": ")
+            rejects.append(reject_row(file, STAGE, code, detail, clip_id))
+            continue
+        reason = None
+        if abs(res["av_offset"]) > sp.max_abs_offset:
+            reason = reject_row(file, STAGE, "av_offset",
+                                f"|{res['av_offset']}| > {sp.max_abs_offset} frames", clip_id)
+        elif res["sync_conf"] < conf_cut:
+            reason = reject_row(file, STAGE, "low_sync_conf", f"Sync-C {res['sync_conf']:.3f} < {conf_cut:g}", clip_id)
+        scored.append({"clip_id": clip_id, "file": file, **{k: res[k] for k in SCORE_COLUMNS},
+                       "n_windows": res["n_windows"], "kept": reason is None,
+                       "reason": "" if reason is None else reason["reason"]})
+        if reason is None:
+            kept.append({**row, **{k: res[k] for k in SCORE_COLUMNS}})
+        else:
+            rejects.append(reason)
+    out_dir = Path(out_dir)
+    score_cols = ["clip_id", "file", *SCORE_COLUMNS, "n_windows", "kept", "reason"]
+    write_csv(pd.DataFrame(scored, columns=score_cols), out_dir / "scores.csv")
+    kept_df = pd.DataFrame(kept, columns=[c for c in clips.columns if c not in SCORE_COLUMNS] + SCORE_COLUMNS)
+    n_frames = pd.to_numeric(clips["n_frames"], errors="coerce").fillna(0) if "n_frames" in clips else pd.Series([0])
+    extra = {"sync_backend": backend_name(model), "min_confidence": conf_cut,
+             "max_abs_offset": sp.max_abs_offset, "max_offset": sp.max_offset}
+    return finish_stage(STAGE, out_dir, "kept", kept_df, rejects, started, float(n_frames.sum()) / params.data.fps,
+                        workers=workers, extra=extra)
