@@ -205,7 +205,7 @@ def write_video(
                 vstream = container.add_stream("libx264", rate=rate)
                 vstream.width, vstream.height = w - w % 2, h - h % 2
                 vstream.pix_fmt = "yuv420p"
-                vstream.options = {"crf": str(crf), "preset": "veryfast"}
+                vstream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}  # identical bytes on any machine
             img = img[: vstream.height, : vstream.width]
             for packet in vstream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)

@@ -1,0 +1,93 @@
+"""Run a per-video function over many videos: in-process, on a Dask LocalCluster, or on a scheduler.
+
+Every data stage maps one function over its videos or clips with :func:`map_videos` (DECISIONS #9):
+
+- ``workers == 1`` and no address: a plain loop in this process (no cluster to start);
+- ``workers >= 2``: a ``dask.distributed.LocalCluster`` of ``workers`` single-threaded processes;
+- ``address`` set (``data.dask_address``): the existing scheduler there (any machine count).
+
+A tqdm bar counts finished items. One bad item never stops the map: an exception raised by ``fn``
+for one item comes back as a :class:`Crashed` value in that item's slot (with its traceback printed
+to stderr), which the stage records as a reject ``crashed: <error>`` instead of losing the file.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Crashed:
+    """``fn`` raised on one item: ``reason`` is ``"<ExceptionType>: <first line>"``."""
+
+    reason: str
+
+
+def _guarded(fn: Callable[[Any], Any], item: Any) -> Any:
+    try:
+        return fn(item)
+    except Exception as err:  # one bad item must not stop the stage: it becomes a reject row
+        traceback.print_exc(file=sys.stderr)
+        first = (str(err).splitlines() or [""])[0][:200]
+        return Crashed(f"{type(err).__name__}: {first}")
+
+
+def map_videos(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    workers: int = 1,
+    address: str | None = None,
+    desc: str = "videos",
+    cost: Callable[[Any], float] | None = None,
+) -> list[Any]:
+    """``[fn(item) for item in items]`` in parallel, results in input order.
+
+    ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one). ``cost``
+    (e.g. an item's duration) submits the most expensive items first so workers finish together.
+    """
+    items = list(items)
+    if not items:
+        return []
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
+    results: list[Any] = [None] * len(items)
+    bar = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
+    if workers <= 1 and not address:
+        for i in order:
+            results[i] = _guarded(fn, items[i])
+            bar.update(1)
+        bar.close()
+        return results
+
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if address:
+        client = Client(address)
+    else:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",  # a free local port: never a fixed one on a shared machine
+            silence_logs=logging.WARNING,
+        )
+        client = Client(cluster)
+    try:
+        run = uuid.uuid4().hex[:8]  # keys unique even on a long-lived shared scheduler
+        futures = [client.submit(_guarded, fn, items[i], key=f"{desc}-{run}-{i}") for i in order]
+        index = {fut.key: i for fut, i in zip(futures, order)}
+        for fut in as_completed(futures):
+            results[index[fut.key]] = fut.result()
+            bar.update(1)
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return results
