@@ -3,7 +3,8 @@
 Every data stage maps one function over its videos or clips with :func:`map_videos` (DECISIONS #9):
 
 - ``workers == 1`` and no address: a plain loop in this process (no cluster to start);
-- ``workers >= 2``: a ``dask.distributed.LocalCluster`` of ``workers`` single-threaded processes;
+- ``workers >= 2``: a ``dask.distributed.LocalCluster`` of ``workers`` single-threaded processes
+  (started and stopped by the call: a few seconds, worth it on stages of minutes);
 - ``address`` set (``data.dask_address``): the existing scheduler there (any machine count).
 
 A tqdm bar counts finished items. One bad item never stops the map: an exception raised by ``fn``
@@ -56,8 +57,8 @@ def map_videos(
         return []
     order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
     results: list[Any] = [None] * len(items)
-    bar = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
     if workers <= 1 and not address:
+        bar = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
         for i in order:
             results[i] = _guarded(fn, items[i])
             bar.update(1)
@@ -71,13 +72,14 @@ def map_videos(
         client = Client(address)
     else:
         cluster = LocalCluster(
-            n_workers=workers,
+            n_workers=min(workers, len(items)),
             threads_per_worker=1,
             processes=True,
             dashboard_address="127.0.0.1:0",  # a free local port: never a fixed one on a shared machine
             silence_logs=logging.WARNING,
         )
         client = Client(cluster)
+    bar = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
     try:
         run = uuid.uuid4().hex[:8]  # keys unique even on a long-lived shared scheduler
         futures = [client.submit(_guarded, fn, items[i], key=f"{desc}-{run}-{i}") for i in order]

@@ -1,0 +1,153 @@
+"""split: train / test / open-set tables, by source group, deterministic.
+
+Groups: ``source_id`` is the identity for the sample data (several joined with ``;`` for a video
+holding two people, e.g. both sides of a scene cut) and per-identity folders, else the source video.
+Source ids sharing an identity are one group (connected components), so no identity, and therefore
+no source video, is ever on two sides. Every group gets a fixed pseudo-random rank,
+``sha256(f"{split.seed}:{group}")``, independent of row order and of the training seed.
+
+- ``open_set.parquet``: the ``split.open_set_identities`` lowest-ranked groups (never one holding a
+  long-term video) are held out ENTIRELY, in neither train nor test: the paper's open-set test of
+  unseen portraits. Each of their clips is a portrait row (all its columns) paired with one
+  held-out audio clip from ``test``: ``audio_clip_id, audio_path, audio_language,
+  audio_source_id, audio_duration, cross_language``; audio of another language than the portrait's
+  is preferred, languages taken in turn so several appear.
+- ``test.parquet``: every long-term clip (a whole video, kept for the long-term curve, never cut;
+  its identity may also be seen in training, as in a split by video: the unseen-identity test is
+  the open set), plus the regular clips of groups taken in rank order until at least
+  ``split.test_fraction`` of the regular (non-long-term, non-open-set) clips are test.
+- ``train.parquet``: the regular clips of all other groups. At least one group on each side.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from mcdm.config import Params
+from mcdm.data.rejects import StageSummary, finish_stage, read_table, write_parquet
+from mcdm.errors import McdmError
+
+STAGE = "split"
+AUDIO_COLUMNS = ["audio_clip_id", "audio_path", "audio_language", "audio_source_id", "audio_duration", "cross_language"]
+
+
+def group_rank(group: str, seed: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{group}".encode()).hexdigest()[:16], 16)
+
+
+def identity_groups(source_ids) -> dict[str, str]:
+    """``source_id`` -> its group: source ids sharing any ``;``-separated identity are joined
+    (union-find); a group is named by its smallest identity."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for sid in set(map(str, source_ids)):
+        ids = [i.strip() for i in sid.split(";") if i.strip()] or [sid]
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            parent[max(a, b)] = min(a, b)
+        find(ids[0])
+    return {sid: find(([i.strip() for i in sid.split(";") if i.strip()] or [sid])[0]) for sid in set(map(str, source_ids))}
+
+
+def split_clips(clips: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(train, test, open_set)`` as described in the module docstring."""
+    sp = params.split
+    clips = clips.copy()
+    if "long_term" not in clips:
+        clips["long_term"] = False
+    if "language" not in clips:
+        clips["language"] = None
+    clips["long_term"] = clips["long_term"].fillna(False).astype(bool)
+    clips = clips.sort_values("clip_id").reset_index(drop=True)
+    group = clips["source_id"].astype(str).map(identity_groups(clips["source_id"]))
+    ranked = sorted(group.unique(), key=lambda g: (group_rank(g, sp.seed), g))
+    long_groups = set(group[clips["long_term"]])
+    free = [g for g in ranked if g not in long_groups]
+    n_open = sp.open_set_identities
+    open_groups = set(free[:n_open])
+    rest = [g for g in ranked if g not in open_groups]
+    if len(free) < n_open or len(rest) < 2:
+        raise McdmError(
+            f"{STAGE}: {len(ranked)} source groups ({len(long_groups)} with long-term videos) cannot give "
+            f"split.open_set_identities={n_open} held-out groups plus a train and a test group"
+        )
+    regular = ~group.isin(open_groups) & ~clips["long_term"]
+    target = max(1, math.ceil(sp.test_fraction * int(regular.sum())))
+    test_groups: set[str] = set()
+    for g in rest:
+        if int((regular & group.isin(test_groups)).sum()) >= target or len(rest) - len(test_groups) <= 1:
+            break
+        test_groups.add(g)
+    train_groups = set(rest) - test_groups
+    assert not (train_groups & test_groups) and not (open_groups & (train_groups | test_groups))
+    train = clips[regular & group.isin(train_groups)].reset_index(drop=True)
+    test = clips[(regular & group.isin(test_groups)) | clips["long_term"]].reset_index(drop=True)
+    open_set = pair_open_set(clips[group.isin(open_groups)], test)
+    return train, test, open_set
+
+
+def pair_open_set(portraits: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Each held-out portrait clip with one held-out audio clip (other language first, in turn)."""
+    cols = list(portraits.columns) + AUDIO_COLUMNS
+    if portraits.empty:
+        return pd.DataFrame(columns=cols)
+    pool = test[~test["long_term"]] if (~test["long_term"]).any() else test
+    if pool.empty:
+        raise McdmError(f"{STAGE}: no test clip to give audio to the open-set portraits")
+    by_lang: dict[str, list[dict]] = {}
+    for row in pool.sort_values("clip_id").to_dict("records"):
+        by_lang.setdefault(str(row.get("language") or ""), []).append(row)
+    langs = sorted(by_lang)
+    turn = {lang: 0 for lang in langs}
+    rows = []
+    for i, p in enumerate(portraits.sort_values("clip_id").to_dict("records")):
+        mine = str(p.get("language") or "")
+        others = [lang for lang in langs if lang != mine and lang] or langs
+        lang = others[i % len(others)]
+        audio = by_lang[lang][turn[lang] % len(by_lang[lang])]
+        turn[lang] += 1
+        rows.append({
+            **p,
+            "audio_clip_id": audio["clip_id"],
+            "audio_path": audio.get("crop_path", audio.get("path")),
+            "audio_language": audio.get("language"),
+            "audio_source_id": audio["source_id"],
+            "audio_duration": float(audio.get("duration", audio["n_frames"] / 25.0)),
+            "cross_language": bool(mine and lang and lang != mine),
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def split(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, StageSummary]:
+    """Write ``train.parquet``, ``test.parquet``, ``open_set.parquet`` (+ empty rejects, summary)."""
+    started = time.perf_counter()
+    clips = read_table(clips_path, "sync_filter")
+    if clips.empty:
+        raise McdmError(f"{STAGE}: {clips_path} holds no clips")
+    train, test, open_set = split_clips(clips, params)
+    out_dir = Path(out_dir)
+    write_parquet(test, out_dir / "test.parquet")
+    write_parquet(open_set, out_dir / "open_set.parquet")
+
+    def seconds(df: pd.DataFrame) -> float:
+        return float(df["n_frames"].sum()) / params.data.fps if len(df) else 0.0
+
+    extra = {
+        name: {"clips": len(df), "groups": int(df["source_id"].nunique()) if len(df) else 0, "seconds": seconds(df)}
+        for name, df in (("train", train), ("test", test), ("open_set", open_set))
+    }
+    extra["test"]["long_term_clips"] = int(test["long_term"].sum())
+    summary = finish_stage(STAGE, out_dir, "train", train, [], started, video_seconds=seconds(clips),
+                           workers=1, extra=extra)
+    return train, test, open_set, summary

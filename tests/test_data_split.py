@@ -1,0 +1,97 @@
+"""split: deterministic 9:1 by source group, long-term videos in test, open set held out entirely."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from mcdm.config import Params
+from mcdm.data.split import split, split_clips
+from mcdm.errors import McdmError
+
+LANGS = ["en", "fr", "ja", "ar", "de"]
+
+
+def clips_table(n_ids: int = 20, per_id: int = 5, long_ids: tuple[int, ...] = (3,)) -> pd.DataFrame:
+    rows = []
+    for i in range(n_ids):
+        for j in range(per_id):
+            rows.append({"clip_id": f"id{i:02d}_v{j}_000", "video_id": f"id{i:02d}_v{j}", "source_id": f"id{i:02d}",
+                         "file": f"id{i:02d}_v{j}.mp4", "n_frames": 100, "duration": 4.0, "crop_path": f"c/id{i:02d}_v{j}.mp4",
+                         "long_term": False, "language": LANGS[i % len(LANGS)]})
+        if i in long_ids:
+            rows.append({"clip_id": f"id{i:02d}_long_000", "video_id": f"id{i:02d}_long", "source_id": f"id{i:02d}",
+                         "file": f"id{i:02d}_long.mp4", "n_frames": 1500, "duration": 60.0,
+                         "crop_path": f"c/id{i:02d}_long.mp4", "long_term": True, "language": LANGS[i % len(LANGS)]})
+    return pd.DataFrame(rows)
+
+
+def test_groups_never_cross_and_test_is_about_a_tenth():
+    clips = clips_table()
+    train, test, open_set = split_clips(clips, Params())
+    regular_test = test[~test.long_term]
+    g_train, g_test, g_open = set(train.source_id), set(regular_test.source_id), set(open_set.source_id)
+    assert not (g_train & g_test) and not (g_open & (g_train | g_test | set(test.source_id)))
+    assert not (set(train.video_id) & set(test.video_id))  # never one source video on both sides
+    assert len(g_open) == Params().split.open_set_identities == 2
+    regular = len(clips) - clips.long_term.sum() - len(open_set)
+    n_test_regular = (~test.long_term).sum()
+    assert 0.1 * regular <= n_test_regular <= 0.1 * regular + 5  # groups of 5 clips: at most one group over
+    assert set(train.clip_id) | set(test.clip_id) | set(open_set.clip_id) == set(clips.clip_id)  # nothing lost
+
+
+def test_long_term_videos_go_to_test_and_never_to_the_open_set():
+    clips = clips_table(long_ids=(3, 11))
+    train, test, open_set = split_clips(clips, Params())
+    assert set(clips.loc[clips.long_term, "clip_id"]) <= set(test.clip_id)
+    assert not train.long_term.any() and not {"id03", "id11"} & set(open_set.source_id)
+
+
+def test_identities_shared_across_source_ids_stay_on_one_side():
+    clips = clips_table(n_ids=12, long_ids=())
+    # a scene-cut video holding id01 and id02 links them; so does a two-person id02;id05 video
+    extra = [{**clips.iloc[0].to_dict(), "clip_id": "cut_000", "video_id": "cut", "file": "cut.mp4", "source_id": "id01;id02"},
+             {**clips.iloc[0].to_dict(), "clip_id": "pair_000", "video_id": "pair", "file": "pair.mp4", "source_id": "id05;id02"}]
+    clips = pd.concat([clips, pd.DataFrame(extra)], ignore_index=True)
+    for seed in range(6):
+        p = Params()
+        p.split.seed = seed
+        sides = [set(df.source_id) for df in split_clips(clips, p)]
+        linked = {"id01", "id02", "id05", "id01;id02", "id05;id02"}
+        assert sum(bool(side & linked) for side in sides) == 1, seed
+
+
+def test_split_is_deterministic_and_independent_of_row_order():
+    clips = clips_table()
+    a = split_clips(clips, Params())
+    b = split_clips(clips.sample(frac=1.0, random_state=7), Params())
+    for x, y in zip(a, b):
+        assert sorted(x.clip_id) == sorted(y.clip_id)
+    p = Params()
+    p.split.seed = 1
+    c = split_clips(clips, p)
+    assert sorted(c[1].clip_id) != sorted(a[1].clip_id)  # the salt changes the draw
+
+
+def test_open_set_pairs_portraits_with_held_out_audio_of_other_languages():
+    clips = clips_table()
+    train, test, open_set = split_clips(clips, Params())
+    assert len(open_set) == 10  # every clip of the 2 held-out identities is a portrait row
+    assert set(open_set.audio_clip_id) <= set(test.clip_id) - set(test.loc[test.long_term, "clip_id"])
+    assert not set(open_set.audio_clip_id) & set(train.clip_id)
+    assert open_set.cross_language.all() and (open_set.language != open_set.audio_language).all()
+    assert open_set.audio_language.nunique() >= 2  # languages taken in turn
+    assert (open_set.audio_source_id != open_set.source_id).all()
+
+
+def test_too_few_groups_is_a_one_line_error():
+    with pytest.raises(McdmError, match="split: 3 source groups"):
+        split_clips(clips_table(n_ids=3, long_ids=()), Params())
+
+
+def test_split_writes_three_tables(tmp_path):
+    clips_table().to_parquet(tmp_path / "kept.parquet")
+    train, test, open_set, summary = split(tmp_path / "kept.parquet", tmp_path / "split", Params())
+    for name, df in (("train", train), ("test", test), ("open_set", open_set)):
+        assert pd.read_parquet(tmp_path / "split" / f"{name}.parquet").shape == df.shape
+    assert list(pd.read_csv(tmp_path / "split" / "rejects.csv").columns) == ["file", "stage", "reason"]
+    assert summary.extra["test"]["long_term_clips"] == 1 and summary.extra["open_set"]["groups"] == 2
