@@ -16,6 +16,20 @@ from mcdm.errors import McdmError
 COMMAND_MODULES = [
     "mcdm.commands.params_cmd",
     "mcdm.commands.sample_data_cmd",
+    "mcdm.commands.ingest_cmd",
+    "mcdm.commands.scenes_cmd",
+    "mcdm.commands.faces_cmd",
+    "mcdm.commands.quality_cmd",
+    "mcdm.commands.syncnet_train_cmd",
+    "mcdm.commands.sync_filter_cmd",
+    "mcdm.commands.split_cmd",
+    "mcdm.commands.data_report_cmd",
+    "mcdm.commands.motion_encoders_cmd",
+    "mcdm.commands.train_cmd",
+    "mcdm.commands.base_models_cmd",
+    "mcdm.commands.features_cmd",
+    "mcdm.commands.evaluate_cmd",
+    "mcdm.commands.generate_cmd",
 ]
 
 

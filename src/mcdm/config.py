@@ -36,7 +36,7 @@ class DataParams(Section):
     face_detector: Literal["dlib", "scrfd"] = "dlib"
     scrfd_path: Optional[str] = Field(None, description="local SCRFD ONNX file when face_detector: scrfd")
     face_sample_every: int = Field(5, ge=1, description="run the detector on every k-th frame")
-    min_face_frame_rate: float = Field(0.9, ge=0, le=1, description="fraction of sampled frames that must hold exactly one face")
+    min_face_frame_rate: float = Field(0.9, ge=0, le=1, description="fraction of a kept face run's sampled frames that must hold exactly one face")
     workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes (1: run in-process)")
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler instead of a LocalCluster")
     silence_dbfs: float = Field(-50.0, le=0, description="audio whose 90th-percentile 0.25 s RMS is below this (dBFS) is silent: rejected")
@@ -119,24 +119,25 @@ class BaseModelsParams(Section):
     clip_path: Optional[str] = Field(None, description="CLIP vision folder (transformers format); else the dlib+vae identity backend")
     # the tiny VAE (diffusers AutoencoderKL), trained on the training frames when vae_path is not given
     vae_block_out_channels: list[int] = Field(
-        default_factory=lambda: [16, 32, 64, 64],
+        default_factory=lambda: [8, 16, 32, 64],
         description="tiny VAE widths; n blocks downsample by 2^(n-1) (4 blocks: 64 px -> 8x8 latent, as SD's h/8)")
     vae_layers_per_block: int = Field(1, ge=1, description="tiny VAE resnets per block")
-    vae_norm_num_groups: int = Field(8, ge=1, description="tiny VAE GroupNorm groups (must divide every width)")
+    vae_norm_num_groups: int = Field(2, ge=1, description="tiny VAE GroupNorm groups (must divide every width; few groups keep colour)")
     vae_latent_channels: int = Field(4, ge=1, description="latent channels (4, as SD)")
-    vae_steps: int = Field(1500, ge=0, description="most tiny-VAE steps; training stops once the PSNR threshold is passed")
+    vae_steps: int = Field(800, ge=1, description="most tiny-VAE steps (cosine schedule over them); training stops once the PSNR threshold is passed")
     vae_min_steps: int = Field(0, ge=0, description="tiny-VAE steps run before the PSNR gate may stop training")
-    vae_psnr_threshold: float = Field(24.0, description="held-out reconstruction PSNR (dB) the tiny VAE must reach")
+    vae_psnr_threshold: float = Field(19.0, description="held-out reconstruction PSNR (dB) the tiny VAE must reach, else the stage fails")
     vae_eval_every: int = Field(100, ge=1, description="steps between held-out PSNR checks")
     vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (SD's VAE uses ~1e-6)")
     vae_edge_weight: float = Field(0.5, ge=0, description="weight of the L1 loss on image gradients (sharper edges)")
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="training clips held out to measure the VAE / UNet")
     max_frames: int = Field(4000, ge=16, description="most training frames read for pretraining (evenly spaced per clip)")
     # the tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser when unet_path is not given
-    unet_steps: int = Field(800, ge=0)
+    unet_steps: int = Field(800, ge=1, description="UNet pretraining steps")
     unet_lr: float = Field(5e-4, gt=0, description="learning rate of the UNet pretraining")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0, description="learning rate of the tiny VAE")
+    unet_batch_size: int = Field(16, ge=1, description="frames per UNet pretraining step")
+    batch_size: int = Field(8, ge=1, description="frames per tiny-VAE step")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate of the tiny VAE")
     threads: int = Field(2, ge=1, description="torch CPU threads for pretraining and features")
 
 
@@ -200,9 +201,14 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
     ema: bool = Field(False, description="export an exponential moving average of the trained weights (diffusers EMAModel)")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with diffusers' warm-up: min(decay, (1 + n) / (10 + n)))")
-    stage1: StageParams = Field(default_factory=StageParams)
-    stage2: StageParams = Field(default_factory=StageParams)
-    stage3: StageParams = Field(default_factory=lambda: StageParams(clips_per_run=2))
+    # embedded default (64 px, 8-frame clips, 2 CPU cores): the three stages take ~5 minutes together;
+    # stage 2's prior is small and starts from zero outputs, so it takes a larger lr and batch
+    stage1: StageParams = Field(default_factory=lambda: StageParams(steps=200, lr=2e-4, batch_size=2),
+                                description="archived-clip prior, archived reference attention, spatial layers, landmark guider")
+    stage2: StageParams = Field(default_factory=lambda: StageParams(steps=200, lr=1e-3, batch_size=4),
+                                description="present-clip motion-prior diffusion model")
+    stage3: StageParams = Field(default_factory=lambda: StageParams(steps=150, lr=5e-4, batch_size=2, clips_per_run=2),
+                                description="present-clip reference attention + MTA, on runs of clips_per_run clips")
 
 
 class EvalParams(Section):

@@ -1,0 +1,72 @@
+"""Benchmark: training throughput of the three MCDM stages, as measured by the pipeline's own runs.
+
+Every ``mcdm train --stage N`` writes ``reports/train_stageN.json`` with ``samples_per_s`` (median
+over the run's steps; a stage-3 sample is a run of ``train.stage3.clips_per_run`` clips, so
+``clips_per_s`` is given too), ``batch_size``, ``steps``, ``train_wall_s``, ``wall_s`` and
+``peak_rss_mb``. This script copies those figures into ``reports/benchmarks.json`` under
+``train_stages.<device>`` (merged into the existing file, write-then-rename), so the training speed sits
+beside the other benchmarks. Run it after ``dvc repro train_stage3``:
+
+    python benchmarks/bench_train_stages.py [--reports reports] [--out reports/benchmarks.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+from mcdm.errors import McdmError
+
+FIELDS = ("samples_per_s", "clips_per_s", "batch_size", "steps", "steps_run", "train_wall_s", "wall_s",
+          "peak_rss_mb", "trainable_parameters", "loss_first10", "loss_last10", "variant")
+
+
+def collect(reports: Path) -> tuple[str, dict]:
+    figures, devices = {}, set()
+    for stage in (1, 2, 3):
+        path = reports / f"train_stage{stage}.json"
+        if not path.is_file():
+            raise McdmError(f"missing {path}: run `dvc repro train_stage{stage}` first")
+        metrics = json.loads(path.read_text())
+        figures[f"stage{stage}"] = {k: metrics.get(k) for k in FIELDS}
+        devices.add(str(metrics.get("device", "cpu")).split(":")[0])
+    device = "cuda" if "cuda" in devices else "cpu"
+    figures["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    return device, figures
+
+
+def write_merged(path: Path, device_key: str, figures: dict) -> None:
+    data = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text() or "{}")
+        except json.JSONDecodeError as err:
+            raise McdmError(f"{path}: not valid JSON ({err.msg}); fix or remove it") from None
+    section = data.get("train_stages") if isinstance(data.get("train_stages"), dict) else {}
+    section[device_key] = figures
+    data["train_stages"] = section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.json"))
+    args = parser.parse_args(argv)
+    device, figures = collect(args.reports)
+    write_merged(args.out, device, figures)
+    for stage in ("stage1", "stage2", "stage3"):
+        f = figures[stage]
+        print(f"{stage}: {f['samples_per_s']:.2f} samples/s (batch {f['batch_size']}, {f['steps']} steps, "
+              f"{f['train_wall_s']:.0f} s training, peak RSS {f['peak_rss_mb']:.0f} MiB)")
+    print(f"wrote {args.out} [train_stages.{device}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""The tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser (DECISIONS #1).
+
+It stands in for SD-1.5's UNet at the embedded scale, so that the MCDM stages start from a backbone
+that already denoises faces. Same block layout as SD-1.5 (``CrossAttnDownBlock2D`` ... ``DownBlock2D``,
+``UNetMidBlock2DCrossAttn``, ``UpBlock2D`` ... ``CrossAttnUpBlock2D``), widths from
+``model.block_out_channels``, ``cross_attention_dim = model.prior_dim``. Where SD cross-attends to text
+tokens, this one cross-attends to the tokens of a REFERENCE frame of the same clip
+(:class:`~mcdm.base.ref_tokens.ReferenceTokens`). Objective, DDPM epsilon-prediction (Ho et al. 2020),
+with SD-1.5's noise schedule:
+
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,   L = E_{z_0, eps, t} |eps - eps_theta(z_t, t, tok(z_ref))|^2
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mcdm.config import BaseModelsParams, ModelParams
+from mcdm.errors import McdmError
+
+# SD-1.5's scheduler_config.json (the DDPM training schedule its UNet was trained with)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+EVAL_TIMESTEPS = (50, 250, 500, 750, 950)
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SD15_SCHEDULER)
+
+
+def _norm_groups(widths: list[int]) -> int:
+    """SD's 32 GroupNorm groups when every width allows it, else the largest common divisor <= 32."""
+    g = math.gcd(*widths)
+    return max(d for d in range(1, min(32, g) + 1) if g % d == 0)
+
+
+def tiny_unet_config(model: ModelParams, sample_size: int, latent_channels: int = 4) -> dict:
+    """UNet2DConditionModel keyword arguments in SD-1.5's layout, at ``model``'s widths."""
+    widths = list(model.block_out_channels)
+    n = len(widths)
+    return dict(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+        block_out_channels=widths,
+        layers_per_block=model.layers_per_block,
+        attention_head_dim=model.attention_head_dim,
+        cross_attention_dim=model.prior_dim,
+        norm_num_groups=_norm_groups(widths),
+    )
+
+
+def _reference_indices(clip_index: np.ndarray, rng: np.random.Generator, targets: np.ndarray) -> np.ndarray:
+    """For each target frame, a random frame of the same clip (the reference)."""
+    members = {c: np.flatnonzero(clip_index == c) for c in np.unique(clip_index)}
+    return np.array([rng.choice(members[clip_index[t]]) for t in targets])
+
+
+@dataclass
+class UnetReport:
+    steps: int
+    seconds: float
+    heldout_eps_mse_init: float
+    heldout_eps_mse: float
+    heldout_eps_mse_wrong_ref: float
+    per_timestep: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "heldout_eps_mse_init": self.heldout_eps_mse_init,
+            "heldout_eps_mse": self.heldout_eps_mse,
+            "heldout_eps_mse_wrong_reference": self.heldout_eps_mse_wrong_ref,
+            "heldout_eps_mse_per_timestep": self.per_timestep,
+            "note": "epsilon MSE on held-out clips at fixed noise; 1.0 = predicting zero noise",
+            "history": self.history,
+        }
+
+
+@torch.no_grad()
+def heldout_eps_mse(unet, ref_tokens, scheduler, latents: torch.Tensor, refs: torch.Tensor, seed: int = 0) -> dict[int, float]:
+    """Epsilon MSE per fixed timestep on ``latents`` with references ``refs`` (same noise every call)."""
+    unet.eval()
+    ref_tokens.eval()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    device = unet.device
+    out = {}
+    for t in EVAL_TIMESTEPS:
+        errs = []
+        for i in range(0, len(latents), 64):
+            z0, eps, ref = latents[i : i + 64].to(device), noise[i : i + 64].to(device), refs[i : i + 64].to(device)
+            ts = torch.full((len(z0),), t, dtype=torch.long, device=device)
+            pred = unet(scheduler.add_noise(z0, eps, ts), ts, encoder_hidden_states=ref_tokens(ref)).sample
+            errs.append(((pred - eps) ** 2).mean((1, 2, 3)).cpu())
+        out[t] = float(torch.cat(errs).mean())
+    return out
+
+
+def train_unet(
+    fit_latents: torch.Tensor,
+    fit_clip_index: np.ndarray,
+    heldout_latents: torch.Tensor,
+    heldout_clip_index: np.ndarray,
+    bm: BaseModelsParams,
+    model: ModelParams,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    max_heldout: int = 128,
+    progress: bool = True,
+):
+    """Pretrain ``(unet, ref_tokens)`` on scaled VAE latents; returns ``(unet, ref_tokens, scheduler, UnetReport)``."""
+    from diffusers import UNet2DConditionModel
+
+    from mcdm.base.ref_tokens import ReferenceTokens
+
+    if len(fit_latents) == 0:
+        raise McdmError("base_models: no training latents for the UNet pretraining")
+    c, h, w = fit_latents.shape[1:]
+    if h != w:
+        raise McdmError(f"base_models: latents must be square, got {h}x{w}")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    unet = UNet2DConditionModel(**tiny_unet_config(model, h, c)).to(device)
+    ref_tokens = ReferenceTokens(latent_channels=c, sample_size=h, patch_size=model.patch_size, dim=model.prior_dim).to(device)
+    scheduler = make_scheduler()
+    params = list(unet.parameters()) + list(ref_tokens.parameters())
+    opt = torch.optim.AdamW(params, lr=bm.unet_lr, weight_decay=0.0)
+
+    # fixed held-out evaluation set: right reference (same clip) and wrong reference (another clip's frame)
+    pick = np.linspace(0, len(heldout_latents) - 1, min(max_heldout, len(heldout_latents))).astype(int)
+    held, held_clip = heldout_latents[pick], heldout_clip_index[pick]
+    eval_rng = np.random.default_rng(seed + 2)
+    held_ref = heldout_latents[_reference_indices(heldout_clip_index, eval_rng, pick)]
+    wrong_ref = fit_latents[eval_rng.integers(0, len(fit_latents), len(pick))]
+    init = heldout_eps_mse(unet, ref_tokens, scheduler, held, held_ref, seed)
+
+    history: list[dict] = []
+    started = time.perf_counter()
+    bar = tqdm(total=bm.unet_steps, desc="base_models: UNet (reference-conditioned denoiser)", unit="step", disable=not progress)
+    running = None
+    for step in range(1, bm.unet_steps + 1):
+        unet.train()
+        ref_tokens.train()
+        idx = rng.integers(0, len(fit_latents), bm.unet_batch_size)
+        ref_idx = _reference_indices(fit_clip_index, rng, idx)
+        z0 = fit_latents[idx].to(device)
+        ref = fit_latents[ref_idx].to(device)
+        if rng.random() < 0.5:  # the same flip for target and reference keeps them one face
+            z0, ref = z0.flip(-1), ref.flip(-1)
+        eps = torch.randn_like(z0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), device=device)
+        # L = |eps - eps_theta(z_t, t, tok(z_ref))|^2
+        pred = unet(scheduler.add_noise(z0, eps, t), t, encoder_hidden_states=ref_tokens(ref)).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        bar.update(1)
+        if step % 50 == 0 or step == bm.unet_steps:
+            bar.set_postfix(loss=f"{running:.4f}")
+            history.append({"step": step, "loss": round(running, 5)})
+    bar.close()
+    final = heldout_eps_mse(unet, ref_tokens, scheduler, held, held_ref, seed)
+    wrong = heldout_eps_mse(unet, ref_tokens, scheduler, held, wrong_ref, seed)
+    report = UnetReport(
+        steps=bm.unet_steps,
+        seconds=time.perf_counter() - started,
+        heldout_eps_mse_init=float(np.mean(list(init.values()))),
+        heldout_eps_mse=float(np.mean(list(final.values()))),
+        heldout_eps_mse_wrong_ref=float(np.mean(list(wrong.values()))),
+        per_timestep={str(k): round(v, 5) for k, v in final.items()},
+        history=history,
+    )
+    return unet.eval(), ref_tokens.eval(), scheduler, report

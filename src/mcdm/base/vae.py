@@ -1,0 +1,255 @@
+"""The tiny VAE: diffusers ``AutoencoderKL`` trained on the training frames (DECISIONS #1).
+
+It stands in for SD-1.5's VAE at the embedded scale: RGB ``(3, S, S)`` -> latent ``(4, S/8, S/8)``.
+A random decoder renders nothing, so it is trained until its reconstruction PSNR on held-out clips
+passes ``base_models.vae_psnr_threshold``; when ``vae_steps`` run out first, the stage stops with a
+one-line error naming the PSNR reached. Loss (per pixel, images in [-1, 1]):
+
+    L = |x - D(z)|_1 + |x - D(z)|_2^2 + w_edge * |grad x - grad D(z)|_1 + w_kl * KL(q(z|x) || N(0, I)),
+    z ~ q(z|x)                                                   (Kingma & Welling 2014; SD's KL-f8)
+
+After training, SD's convention fixes the latent scale: ``scaling_factor = 1 / std(z)`` over the
+training latents (posterior means), stored in the VAE's config so that ``z * scaling_factor`` has
+unit variance for the diffusion model.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from mcdm.config import BaseModelsParams
+from mcdm.errors import McdmError
+
+
+def tiny_vae_config(bm: BaseModelsParams, resolution: int) -> dict:
+    """AutoencoderKL keyword arguments: ``len(widths)`` blocks, so ``2^(n-1)`` downsampling."""
+    widths = list(bm.vae_block_out_channels)
+    bad = [w for w in widths if w % bm.vae_norm_num_groups]
+    if bad:
+        raise McdmError(f"base_models.vae_norm_num_groups={bm.vae_norm_num_groups} does not divide the widths {bad}")
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(widths),
+        up_block_types=["UpDecoderBlock2D"] * len(widths),
+        block_out_channels=widths,
+        layers_per_block=bm.vae_layers_per_block,
+        latent_channels=bm.vae_latent_channels,
+        norm_num_groups=bm.vae_norm_num_groups,
+        sample_size=resolution,
+        scaling_factor=1.0,  # set from the training latents after training
+    )
+
+
+def vae_downsample(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# ------------------------------------------------------------------------------------- tensors
+def to_model_range(frames_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(frames_uint8))
+    return rearrange(x, "n h w c -> n c h w").float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(x, "n c h w -> n h w c").cpu().numpy()
+
+
+def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
+    """PSNR in dB of uint8 images over the whole set: 10 log10(255^2 / MSE) (MSE pooled over all pixels)."""
+    mse = np.mean((reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10.0 * math.log10(255.0**2 / mse))
+
+
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, bm: BaseModelsParams) -> dict[str, torch.Tensor]:
+    """The loss of the module docstring; ``kl`` is per sample (summed over latent elements)."""
+    l1 = (recon - x).abs().mean()
+    l2 = ((recon - x) ** 2).mean()
+    (gx, gy), (rx, ry) = image_gradients(x), image_gradients(recon)
+    edge = 0.5 * ((gx - rx).abs().mean() + (gy - ry).abs().mean())
+    kl_px = kl.mean() / x[0].numel()  # per pixel, like the reconstruction terms
+    total = l1 + l2 + bm.vae_edge_weight * edge + bm.vae_kl_weight * kl_px
+    return {"loss": total, "l1": l1, "l2": l2, "edge": edge, "kl": kl_px}
+
+
+# ----------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def encode_latents(vae, frames_uint8: np.ndarray, batch: int = 64, scaled: bool = True) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, C, h, w) posterior means, times ``scaling_factor`` when ``scaled``."""
+    device, dtype = vae.device, vae.dtype
+    out = []
+    for i in range(0, len(frames_uint8), batch):
+        x = to_model_range(frames_uint8[i : i + batch]).to(device, dtype)
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    z = torch.cat(out) if out else torch.zeros(0)
+    if scaled:
+        shift = vae.config.get("shift_factor") or 0.0
+        z = (z - shift) * float(vae.config.scaling_factor)
+    return z
+
+
+@torch.no_grad()
+def reconstruct(vae, frames_uint8: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Encode (posterior mean) and decode: the deterministic reconstruction the PSNR is measured on."""
+    device, dtype = vae.device, vae.dtype
+    out = []
+    for i in range(0, len(frames_uint8), batch):
+        x = to_model_range(frames_uint8[i : i + batch]).to(device, dtype)
+        out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
+    return np.concatenate(out)
+
+
+def latent_scaling_factor(vae, frames_uint8: np.ndarray) -> float:
+    """SD's convention: 1 / std of the (unscaled) training latents."""
+    z = encode_latents(vae, frames_uint8, scaled=False)
+    return float(1.0 / z.std().clamp(min=1e-6))
+
+
+# ------------------------------------------------------------------------------------ training
+def narrow_posterior_init(vae, log_var: float = -6.0) -> None:
+    """Start the posterior narrow (std e^-3 ~ 0.05): with the default init (log-variance ~ 0) the
+    sampled latent is mostly noise and the first few hundred steps only learn to shrink it."""
+    c = int(vae.config.latent_channels)
+    with torch.no_grad():
+        vae.quant_conv.bias[c:].fill_(log_var)
+
+
+def warmup_cosine(total_steps: int, warmup: int = 50, floor: float = 0.1):
+    """LR multiplier: linear warm-up, then cosine decay to ``floor`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class VaeReport:
+    psnr: float
+    threshold: float
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # {"step", "psnr", "loss"} per check
+
+    best: float = -float("inf")
+
+    @property
+    def passed(self) -> bool:
+        return self.psnr >= self.threshold
+
+    def to_dict(self) -> dict:
+        return {"psnr_heldout": self.psnr, "psnr_threshold": self.threshold, "passed": self.passed,
+                "steps": self.steps, "seconds": round(self.seconds, 2), "history": self.history}
+
+    def require_threshold(self, where: str = "") -> None:
+        """Raise :class:`VaePsnrNotReached` (one line) when the PSNR gate failed."""
+        if not self.passed:
+            raise VaePsnrNotReached(
+                f"tiny VAE reached held-out PSNR {self.psnr:.2f} dB < base_models.vae_psnr_threshold "
+                f"{self.threshold:g} dB after {self.steps} steps (best {self.best:.2f} dB): raise "
+                f"base_models.vae_steps or lower the threshold{where}"
+            )
+
+
+class VaePsnrNotReached(McdmError):
+    """The tiny VAE ran out of steps below the PSNR threshold."""
+
+
+def train_vae(
+    fit_frames: np.ndarray,
+    heldout_frames: np.ndarray,
+    bm: BaseModelsParams,
+    resolution: int,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    max_heldout: int = 256,
+    progress: bool = True,
+):
+    """Train a tiny AutoencoderKL until held-out PSNR >= threshold; returns ``(vae, VaeReport)``.
+
+    The PSNR is checked every ``vae_eval_every`` steps (and at the last step); training stops at the
+    first check that passes after ``vae_min_steps``. When ``vae_steps`` run out below the threshold the
+    report says so: ``report.require_threshold()`` raises the one-line error (after the caller has
+    written its diagnostics). ``scaling_factor`` is set from the training latents before returning.
+    """
+    from diffusers import AutoencoderKL
+
+    if len(fit_frames) == 0 or len(heldout_frames) == 0:
+        raise McdmError("base_models: the tiny VAE needs training and held-out frames")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    vae = AutoencoderKL(**tiny_vae_config(bm, resolution)).to(device)
+    narrow_posterior_init(vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=bm.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(bm.vae_steps))
+    held = heldout_frames[np.linspace(0, len(heldout_frames) - 1, min(max_heldout, len(heldout_frames))).astype(int)]
+    fit = torch.as_tensor(fit_frames)
+    history: list[dict] = []
+    started = time.perf_counter()
+    best = -float("inf")
+    step = 0
+    bar = tqdm(total=bm.vae_steps, desc="base_models: tiny VAE", unit="step", disable=not progress)
+    for step in range(1, bm.vae_steps + 1):
+        vae.train()
+        idx = rng.integers(0, len(fit), bm.batch_size)
+        x = to_model_range(fit[idx]).to(device)
+        if rng.random() < 0.5:  # faces are left-right symmetric enough: flips double the data
+            x = x.flip(-1)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        losses = vae_loss(x, recon, posterior.kl(), bm)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        if step % bm.vae_eval_every == 0 or step == bm.vae_steps:
+            vae.eval()
+            value = psnr(held, reconstruct(vae, held))
+            best = max(best, value)
+            history.append({"step": step, "psnr": round(value, 3), "loss": round(float(losses["loss"].detach()), 5)})
+            bar.set_postfix(psnr=f"{value:.2f}/{bm.vae_psnr_threshold:g} dB", loss=f"{float(losses['loss'].detach()):.4f}")
+            if value >= bm.vae_psnr_threshold and step >= bm.vae_min_steps:
+                break
+    bar.close()
+    vae.eval()
+    final = history[-1]["psnr"] if history else psnr(held, reconstruct(vae, held))
+    report = VaeReport(psnr=float(final), threshold=bm.vae_psnr_threshold, steps=step,
+                       seconds=time.perf_counter() - started, history=history, best=max(best, final))
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, fit_frames[: min(len(fit_frames), 2048)]))
+    return vae, report
+
+
+# ------------------------------------------------------------------------------------- picture
+def save_recon_grid(vae, frames_uint8: np.ndarray, path: str | Path, n: int = 8, scale: int = 3) -> Path:
+    """PNG: top row held-out frames, bottom row their reconstructions (nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    pick = frames_uint8[np.linspace(0, len(frames_uint8) - 1, min(n, len(frames_uint8))).astype(int)]
+    rows = np.concatenate([np.concatenate(list(pick), 1), np.concatenate(list(reconstruct(vae, pick, batch=n)), 1)], 0)
+    rows = rows.repeat(scale, 0).repeat(scale, 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(rows).save(tmp)
+    tmp.replace(path)
+    return path

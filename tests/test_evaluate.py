@@ -1,0 +1,181 @@
+"""The evaluate stage on tiny synthetic features and untrained tiny models, through `mcdm evaluate`:
+every output is written, the baselines hold their closed forms (ground truth vs itself: SSIM 1, FID 0,
+identity gap 0; static reference: identity 0), metrics.json is strict JSON, the long-term curve has
+one row per `eval.long_term_every` frames, and the models/ folder of the stages loads as a pipeline."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import skimage.data
+import torch
+from safetensors.torch import save_file
+
+from mcdm import cli
+from mcdm.config import Params, dump_params
+from mcdm.data.io import probe
+from mcdm.eval.features import DlibFrameFeatures
+from mcdm.models.pipeline import MCDMPipeline, build_untrained_pipeline
+from mcdm.sync.syncnet import SyncNet
+
+SIDE, FPS, RATE = 64, 25.0, 16000
+TINY = dict(
+    model={"clip_frames": 4, "archived_frames": 2, "block_out_channels": [16, 32], "norm_num_groups": 8,
+           "prior_inference_steps": 2, "prior_layers": 1},
+    base_models={"vae_block_out_channels": [8, 8, 8, 8]},
+    eval={"steps": 2, "threads": 1, "clip_seconds": None, "batch_size": 2, "fvd_clip_frames": 4, "long_term_seconds": 0.6,
+          "long_term_every": 5, "n_samples": 1, "grid_clips": 2, "grid_times": 2},
+)
+CLIPS = {"a_test": ("test", 8, False), "b_test": ("test", 9, False), "c_long": ("test", 20, True),
+         "d_train": ("train", 4, False)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _head_video(n: int, phase: float) -> np.ndarray:
+    """A talking-head-like crop: the astronaut's face rocking and drifting (a face dlib finds)."""
+    face = skimage.data.astronaut()[20:260, 100:340]
+    frames = []
+    for t in range(n):
+        warp = cv2.getRotationMatrix2D((120.0, 120.0), 5 * np.sin(2 * np.pi * t / 24 + phase), 1.0)
+        warp[:, 2] += [6 * np.sin(2 * np.pi * t / 29 + phase), 4 * np.cos(2 * np.pi * t / 37 + phase)]
+        moved = cv2.warpAffine(face, warp, (240, 240), borderMode=cv2.BORDER_REFLECT)
+        frames.append(cv2.resize(moved, (SIDE, SIDE), interpolation=cv2.INTER_AREA))
+    return np.stack(frames)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """features/ (index + per-clip files), models/ laid out as the stages write it, a SyncNet, params.yaml."""
+    root = tmp_path_factory.mktemp("evaluate")
+    params = Params(**TINY)
+    (root / "params.yaml").write_text(dump_params(params))
+    # 1. features of the features stage (the arrays evaluate reads)
+    feats = root / "features"
+    feats.mkdir()
+    faces = DlibFrameFeatures()
+    rows = []
+    for i, (clip_id, (split, n, long_term)) in enumerate(CLIPS.items()):
+        frames = _head_video(n, phase=1.3 * i)
+        landmarks = faces.landmarks(frames)
+        assert np.isfinite(landmarks[0]).all()
+        landmarks = np.where(np.isfinite(landmarks), landmarks, landmarks[0]).astype(np.float32)
+        t = np.arange(int(round(n / FPS * RATE))) / RATE
+        wave = (0.2 * np.sin(2 * np.pi * (180 + 20 * i) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+        save_file({"frames": torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))),
+                   "waveform": torch.from_numpy(wave), "landmarks": torch.from_numpy(landmarks)},
+                  str(feats / f"{clip_id}.safetensors"))
+        rows.append({"clip_id": clip_id, "split": split, "n_frames": n, "long_term": long_term,
+                     "path": str(feats / f"{clip_id}.safetensors")})
+    pd.DataFrame(rows).to_parquet(feats / "index.parquet")
+    # 2. models/: the stages' layout, untrained components
+    pipe = build_untrained_pipeline(params)
+    models = root / "models"
+    pipe.vae.save_pretrained(models / "base" / "vae")
+    pipe.scheduler.save_pretrained(models / "base" / "scheduler")
+    (models / "base" / "encoders.json").write_text(json.dumps(
+        {"audio": {"backend": "logmel", "dim": 80}, "image": {"backend": "dlib+vae", "dim": 144}}))
+    pipe.landmark_guider.save_pretrained(models / "stage1" / "landmark_guider")
+    pipe.motion_prior.save_pretrained(models / "stage2" / "motion_prior")
+    pipe.denoiser.save_pretrained(models / "stage3" / "denoiser")
+    (models / "stage3" / "stage.json").write_text(json.dumps({"stage": 3, "variant": "full", "params_hash": params.hash()}))
+    pipe.head_encoder.save_pretrained(models / "motion_encoders" / "head")
+    SyncNet(channels=(8, 16, 16, 16), embed_dim=16).eval().save_pretrained(models / "syncnet")
+    return root, params
+
+
+@pytest.fixture(scope="module")
+def evaluated(project):
+    root, _ = project
+    code = cli.main(["--params", str(root / "params.yaml"), "evaluate", "--features", str(root / "features"),
+                     "--models", str(root / "models"), "--syncnet", str(root / "models" / "syncnet"),
+                     "--out", str(root / "reports"), "--samples", str(root / "reports" / "samples"), "--no-tracking"])
+    assert code == 0
+    return root / "reports"
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise ValueError(f"{path}: non-standard JSON constant {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_models_folder_and_registry_bundle_load_as_the_pipeline(project, tmp_path):
+    root, params = project
+    models = root / "models"
+    pipe = MCDMPipeline.from_checkpoint(models, params)
+    assert pipe.variant == "full" and pipe.landmark_guider is not None and pipe.head_encoder is not None
+    assert pipe.config.provenance["params_hash"] == params.hash()
+    # the folder stage 3 registers (mcdm.train.stages.registry_bundle): every component side by side
+    bundle = tmp_path / "bundle"
+    for src, dst in (("stage3/denoiser", "denoiser"), ("stage1/landmark_guider", "landmark_guider"),
+                     ("base/vae", "vae"), ("base/scheduler", "scheduler"), ("stage2/motion_prior", "motion_prior"),
+                     ("motion_encoders", "motion_encoders")):
+        shutil.copytree(models / src, bundle / dst)
+    shutil.copy(models / "base" / "encoders.json", bundle / "encoders.json")
+    shutil.copy(models / "stage3" / "stage.json", bundle / "stage3.json")
+    (bundle / "params.yaml").write_text(dump_params(params))
+    again = MCDMPipeline.from_checkpoint(bundle)  # no params given: the bundle's own
+    assert again.variant == "full" and again.head_encoder is not None and again.config.clip_frames == 4
+    for name, tensor in pipe.denoiser.state_dict().items():
+        torch.testing.assert_close(again.denoiser.state_dict()[name], tensor)
+
+
+def test_evaluate_writes_every_output(evaluated, capsys):
+    for name in ("metrics.json", "eval_clips.csv", "eval_grid.png", "long_term.csv", "long_term.png"):
+        assert (evaluated / name).is_file(), name
+    samples = sorted(p.name for p in (evaluated / "samples").glob("*.mp4"))
+    assert samples == ["a_test.mp4", "long_term_c_long.mp4"]
+    info = probe(evaluated / "samples" / "a_test.mp4")
+    assert info.has_audio and info.n_frames == 8
+    assert probe(evaluated / "samples" / "long_term_c_long.mp4").n_frames == 15
+    clips = pd.read_csv(evaluated / "eval_clips.csv")
+    assert list(clips["clip_id"]) == ["a_test", "b_test", "c_long"]  # regular test clips first; no train clip
+    assert list(clips["n_frames"]) == [8, 9, 20]
+    assert {"ssim", "identity", "identity_gt", "sync_c", "sync_d", "static_sync_c"} <= set(clips.columns)
+
+
+def test_metrics_json_baselines_and_checks(evaluated):
+    m = _strict_json(evaluated / "metrics.json")
+    gt, static = m["baselines"]["ground_truth"], m["baselines"]["static_reference"]
+    # ground truth vs itself: SSIM 1, Fréchet distances 0, identity equal to its own
+    assert gt["ssim"] == pytest.approx(1.0, abs=1e-12)
+    assert gt["fid"] == pytest.approx(0.0, abs=1e-6) and gt["efid"] == pytest.approx(0.0, abs=1e-6)
+    assert gt["identity_gap"] == 0.0
+    # the reference frame repeated: identity 0 by construction, no drift
+    assert static["identity"] == 0.0 and static["identity_drift"] == 0.0
+    assert static["ssim"] < 1.0
+    # the model's row: every metric present (a value or null with its reason), backends labelled
+    for name in ("fid", "fvd", "ssim", "efid", "identity", "sync_c", "sync_d"):
+        assert name in m and (m[name] is not None or f"{name}_error" in m), name
+    assert m["ssim_backend"].startswith("ssim-wang2004") and m["sync_c_backend"] == "syncnet_trained"
+    assert 0.0 < m["ssim"] < 1.0  # untrained models: not the ground truth
+    assert set(m["checks"]) == {"sync_c_beats_static_reference", "fvd_beats_static_reference",
+                                "identity_within_0.05_of_ground_truth"}
+    assert all(v in (True, False, None) for v in m["checks"].values())
+    assert m["n_clips"] == 3 and m["frames"] == 37 and m["variant"] == "full"
+
+
+def test_long_term_curve(evaluated):
+    curve = pd.read_csv(evaluated / "long_term.csv")
+    assert list(curve.columns) == ["frame", "ssim", "identity", "identity_gt"]
+    assert list(curve["frame"]) == [0, 5, 10]  # 0.6 s of the 20-frame long clip, a row per 5 frames
+    assert ((curve["ssim"] > -1) & (curve["ssim"] < 1)).all()
+    gt = curve["identity_gt"].to_numpy()
+    assert np.isfinite(gt).all() and gt[0] == pytest.approx(0.0, abs=1e-9)  # frame 0 is the reference
+    assert (gt < 0.6).all()  # the same person throughout (dlib's threshold)
+    summary = _strict_json(evaluated / "metrics.json")["long_term"]
+    assert summary["clips"] == ["c_long"] and summary["source"] == "long_term" and summary["frames"] == 15
+    assert math.isfinite(summary["ssim_mean"])
