@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 #: the last stage of the main line; train-all runs every non-matrix stage that leads to it
-MAIN_TARGET = "report"
+MAIN_TARGET = "report"  # the last main-line stage once it exists; until then every non-matrix stage
 ERROR_TAIL_LINES = 25
 
 
