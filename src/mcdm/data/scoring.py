@@ -17,8 +17,8 @@ Scores (with ``data/sample/manifest.csv``; "kept" means in the last table given,
   frames), precision = videos with a faces ``no_face`` reject that had a planted segment;
 - ``two_faces``: recall = planted two-face videos with nothing kept; precision = videos with a
   ``multiple_faces`` reject that were planted;
-- ``low_quality`` (and ``blurred``, ``low_res`` alone): recall = planted videos with nothing kept;
-  precision = videos with a quality reject that were planted;
+- ``low_quality`` (and ``blurred``, ``low_res`` alone, recall only): recall = planted videos with
+  nothing kept; precision = videos with a quality reject that were planted;
 - ``corrupt`` / ``no_audio``: recall = planted files rejected by ingest; precision likewise;
 - ``av_shift`` (when a ``sync*`` stage's rejects are given): recall = planted out-of-sync videos
   the sync filter rejected; precision = videos it rejected that were planted;
@@ -159,6 +159,8 @@ def score_filters(manifest: pd.DataFrame, tables: dict[str, pd.DataFrame], rejec
         else:
             flag = flagged(stage, codes)
         scores[name] = _pr_sets(gone, flag, pl)
+        if name in QUALITY_KINDS:  # one filter catches both kinds: its precision is low_quality's
+            scores[name]["precision"] = None
 
     # corrupt files and missing audio: rejected by ingest
     ingest_bad = flagged("ingest", {"unreadable", "truncated", "no_video", "not_video"})
