@@ -327,8 +327,11 @@ def test_deepspeed_config_is_filled_for_cpu_from_params():
     assert cfg["optimizer"]["params"]["lr"] == spec.lr and cfg["zero_optimization"]["stage"] == 2
     assert "auto" not in json.dumps(cfg)
     # the stage's params are in the fingerprint, its step count is not (more steps continue a run)
-    longer = Params.model_validate({"train": {"stage1": {"steps": 999}}})
-    other_lr = Params.model_validate({"train": {"stage1": {"lr": 0.5}}})
+    # overlays are merged into the full defaults, as `mcdm params apply` and `dvc exp run -S` do
+    from mcdm.config import deep_merge
+
+    longer = Params.model_validate(deep_merge(Params().model_dump(mode="json"), {"train": {"stage1": {"steps": 999}}}))
+    other_lr = Params.model_validate(deep_merge(Params().model_dump(mode="json"), {"train": {"stage1": {"lr": 0.5}}}))
     assert TrainSpec.from_params(longer, 1, "x").fingerprint == spec.fingerprint
     assert TrainSpec.from_params(other_lr, 1, "x").fingerprint != spec.fingerprint
 

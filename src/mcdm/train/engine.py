@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -159,8 +160,10 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """Hash of the ``mcdm`` package's Python sources (a code change must not resume an old run)."""
+    """Hash of the ``mcdm`` package's Python sources (a code change must not resume an old run).
+    Computed once per process: the code a process runs is the code it loaded at start."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
