@@ -81,7 +81,7 @@ def test_tiny_vae_maps_64px_to_4x8x8():
 def test_psnr_gate_passes_with_enough_steps_and_sets_the_latent_scale():
     # 32 px frames and a 3-block VAE (4x downsampling) keep this fast; the gate logic is the same
     params = tiny_params(vae_block_out_channels=[8, 16, 16], vae_norm_num_groups=2, vae_steps=120,
-                         vae_eval_every=10, vae_psnr_threshold=16.0, lr=3e-3)
+                         vae_min_steps=0, vae_eval_every=10, vae_psnr_threshold=16.0, lr=3e-3)
     fit, held = easy_frames(256, seed=0), easy_frames(32, seed=1)
     vae, report = train_vae(fit, held, params.base_models, 32, progress=False)
     assert report.passed and report.psnr >= 16.0, report.history
@@ -178,3 +178,16 @@ def test_loader_round_trip_and_strictness(tmp_path):
 def test_missing_stage_output_names_the_stage(tmp_path):
     with pytest.raises(McdmError, match="dvc repro base_models"):
         loading.load_vae(tmp_path)
+
+
+def test_given_unet_must_fit_the_vae_and_the_prior_width():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from mcdm.base.pretrain import check_unet_fits
+
+    params = tiny_params()
+    vae = AutoencoderKL(**tiny_vae_config(params.base_models, 64))
+    wide = UNet2DConditionModel(**{**tiny_unet_config(params.model, 8), "cross_attention_dim": 32})
+    with pytest.raises(McdmError, match="set model.prior_dim: 32"):
+        check_unet_fits(wide, vae, params)
+    check_unet_fits(UNet2DConditionModel(**tiny_unet_config(params.model, 8)), vae, params)

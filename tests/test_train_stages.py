@@ -250,7 +250,8 @@ def test_stages_train_exactly_their_parameters_and_chain(project, tracking):
     curve = pd.read_csv(project / "reports" / "train_stage1_loss.csv")
     assert list(curve.columns) == ["step", "loss"] and curve["step"].tolist() == [1, 2, 3, 4]
     saved = json.loads((project / "reports" / "train_stage1.json").read_text())
-    for key in ("loss_first10", "loss_last10", "steps", "wall_s", "samples_per_s", "peak_rss_mb"):
+    for key in ("loss_first10", "loss_last10", "steps", "wall_s", "samples_per_s", "peak_rss_mb",
+                "fixed_batch_loss_start", "fixed_batch_loss_end"):
         assert saved[key] is not None, key
 
     # stage 2: the present-clip prior only; the stage-1 guider (landmark tokens) stays as it was
@@ -264,7 +265,7 @@ def test_stages_train_exactly_their_parameters_and_chain(project, tracking):
     m2 = run_stage(params, 2, inputs_for(project, 2), models / "stage2", project / "ck" / "stage2",
                    task=task2, show_progress=False)
     assert_only_trainable_changed(before, task2.model, trainable2)
-    assert m2["loss_fell"], m2  # 30 steps from a zero-initialised output: Eq. 3 falls
+    assert m2["loss_fell"] and m2["fixed_batch_loss_fell"], m2  # 30 steps from zero outputs: Eq. 3 falls
     assert (models / "stage2" / "motion_prior" / "config.json").is_file()
 
     # stage 3: ONLY the present-clip attention and the MTA, runs of 2 clips with memory carried

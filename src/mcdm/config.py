@@ -124,8 +124,9 @@ class BaseModelsParams(Section):
     vae_layers_per_block: int = Field(1, ge=1, description="tiny VAE resnets per block")
     vae_norm_num_groups: int = Field(2, ge=1, description="tiny VAE GroupNorm groups (must divide every width; few groups keep colour)")
     vae_latent_channels: int = Field(4, ge=1, description="latent channels (4, as SD)")
-    vae_steps: int = Field(800, ge=1, description="most tiny-VAE steps (cosine schedule over them); training stops once the PSNR threshold is passed")
-    vae_min_steps: int = Field(0, ge=0, description="tiny-VAE steps run before the PSNR gate may stop training")
+    vae_steps: int = Field(800, ge=1, description="most tiny-VAE steps (cosine learning-rate schedule over them)")
+    vae_min_steps: int = Field(
+        800, ge=0, description="tiny-VAE steps before training may stop early at the first PSNR check that passes")
     vae_psnr_threshold: float = Field(19.0, description="held-out reconstruction PSNR (dB) the tiny VAE must reach, else the stage fails")
     vae_eval_every: int = Field(100, ge=1, description="steps between held-out PSNR checks")
     vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (SD's VAE uses ~1e-6)")
@@ -137,7 +138,7 @@ class BaseModelsParams(Section):
     unet_lr: float = Field(5e-4, gt=0, description="learning rate of the UNet pretraining")
     unet_batch_size: int = Field(16, ge=1, description="frames per UNet pretraining step")
     batch_size: int = Field(8, ge=1, description="frames per tiny-VAE step")
-    lr: float = Field(2e-3, gt=0, description="peak learning rate of the tiny VAE")
+    lr: float = Field(6e-3, gt=0, description="peak learning rate of the tiny VAE (AdamW, gradients clipped at norm 1)")
     threads: int = Field(2, ge=1, description="torch CPU threads for pretraining and features")
 
 
@@ -192,23 +193,46 @@ class StageParams(Section):
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from 0 (DeepSpeed WarmupLR); 0 = constant lr")
 
 
+# Each stage's defaults are those of the embedded default (64 px, 8-frame clips, 2 CPU cores: the
+# three stages take ~5 minutes together). One class per stage, so that overriding one key of a stage
+# keeps the stage's other defaults.
+class Stage1Params(StageParams):
+    """archived-clip prior, archived reference attention, spatial layers, landmark guider"""
+
+    steps: int = Field(160, ge=1)
+    lr: float = Field(2e-4, gt=0)
+
+
+class Stage2Params(StageParams):
+    """present-clip motion-prior diffusion model (small, from zero outputs: a larger lr and batch)"""
+
+    steps: int = Field(150, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(4, ge=1)
+
+
+class Stage3Params(StageParams):
+    """present-clip reference attention + MTA, on runs of ``clips_per_run`` clips"""
+
+    steps: int = Field(150, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    clips_per_run: int = Field(2, ge=1, description="consecutive clips with the memory carried (DECISIONS #6)")
+
+
 class TrainParams(Section):
     deepspeed_config: str = Field("configs/deepspeed/zero2.json", description="DeepSpeed JSON; its \"auto\" fields (batch, lr, clipping, bf16 on GPU / fp32 on CPU) are filled at run time")
     checkpoint_every: int = Field(50, ge=1, description="steps between DeepSpeed checkpoints (also written at the last step)")
     keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept per stage")
     deterministic: bool = Field(True, description="deterministic algorithms + fixed seeds (bitwise resume on CPU)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    threads: int = Field(1, ge=1, description="torch intra-op CPU threads per training process (the small "
+                         "embedded models gain little from more, and on a busy machine 2 threads ran 3-20x slower)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
     ema: bool = Field(False, description="export an exponential moving average of the trained weights (diffusers EMAModel)")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with diffusers' warm-up: min(decay, (1 + n) / (10 + n)))")
-    # embedded default (64 px, 8-frame clips, 2 CPU cores): the three stages take ~5 minutes together;
-    # stage 2's prior is small and starts from zero outputs, so it takes a larger lr and batch
-    stage1: StageParams = Field(default_factory=lambda: StageParams(steps=200, lr=2e-4, batch_size=2),
-                                description="archived-clip prior, archived reference attention, spatial layers, landmark guider")
-    stage2: StageParams = Field(default_factory=lambda: StageParams(steps=200, lr=1e-3, batch_size=4),
-                                description="present-clip motion-prior diffusion model")
-    stage3: StageParams = Field(default_factory=lambda: StageParams(steps=150, lr=5e-4, batch_size=2, clips_per_run=2),
-                                description="present-clip reference attention + MTA, on runs of clips_per_run clips")
+    stage1: Stage1Params = Field(default_factory=Stage1Params)
+    stage2: Stage2Params = Field(default_factory=Stage2Params)
+    stage3: Stage3Params = Field(default_factory=Stage3Params)
 
 
 class EvalParams(Section):

@@ -23,7 +23,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mcdm.base import loading
@@ -85,6 +84,17 @@ def _vae_step(params: Params, frames, tmp: Path, device, progress: bool):
     return vae, metrics, report
 
 
+def check_unet_fits(unet, vae, params: Params) -> None:
+    """The UNet must take the VAE's latents, and its cross-attention (attn2, which initialises the
+    archived-clip reference attention, DECISIONS #5) must take motion-prior tokens of width prior_dim."""
+    if int(unet.config.in_channels) != int(vae.config.latent_channels):
+        raise McdmError(f"base_models.unet_path: the UNet takes {unet.config.in_channels} channels but the VAE "
+                        f"makes {vae.config.latent_channels}-channel latents")
+    if int(unet.config.cross_attention_dim) != params.model.prior_dim:
+        raise McdmError(f"base_models.unet_path: the UNet's cross_attention_dim is {unet.config.cross_attention_dim} "
+                        f"but model.prior_dim is {params.model.prior_dim}; set model.prior_dim: {unet.config.cross_attention_dim}")
+
+
 def _unet_step(params: Params, vae, frames, tmp: Path, device, progress: bool) -> dict:
     from mcdm.base.unet_pretrain import make_scheduler, train_unet
     from mcdm.base.vae import encode_latents
@@ -94,6 +104,7 @@ def _unet_step(params: Params, vae, frames, tmp: Path, device, progress: bool) -
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         unet = _load_given(UNet2DConditionModel, bm.unet_path, "unet_path")
+        check_unet_fits(unet, vae, params)
         sched_dir = Path(bm.unet_path).parent / "scheduler"
         scheduler = DDPMScheduler.from_pretrained(sched_dir) if (sched_dir / "scheduler_config.json").exists() else make_scheduler()
         unet.save_pretrained(tmp / loading.UNET)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
@@ -180,13 +179,14 @@ def train_vae(
     resolution: int,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    max_heldout: int = 256,
+    max_heldout: int = 128,
     progress: bool = True,
 ):
     """Train a tiny AutoencoderKL until held-out PSNR >= threshold; returns ``(vae, VaeReport)``.
 
-    The PSNR is checked every ``vae_eval_every`` steps (and at the last step); training stops at the
-    first check that passes after ``vae_min_steps``. When ``vae_steps`` run out below the threshold the
+    The PSNR is checked every ``vae_eval_every`` steps (and at the last step); from ``vae_min_steps``
+    on, training stops at the first check that passes (so: at least ``vae_min_steps``, then until the
+    threshold, at most ``vae_steps``). When ``vae_steps`` run out below the threshold the
     report says so: ``report.require_threshold()`` raises the one-line error (after the caller has
     written its diagnostics). ``scaling_factor`` is set from the training latents before returning.
     """
@@ -235,7 +235,8 @@ def train_vae(
     final = history[-1]["psnr"] if history else psnr(held, reconstruct(vae, held))
     report = VaeReport(psnr=float(final), threshold=bm.vae_psnr_threshold, steps=step,
                        seconds=time.perf_counter() - started, history=history, best=max(best, final))
-    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, fit_frames[: min(len(fit_frames), 2048)]))
+    some = fit_frames[np.linspace(0, len(fit_frames) - 1, min(2048, len(fit_frames))).astype(int)]
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, some))
     return vae, report
 
 

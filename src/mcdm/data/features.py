@@ -26,7 +26,6 @@ process loads the models once.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass

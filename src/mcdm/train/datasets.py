@@ -220,6 +220,12 @@ class ClipRuns(Dataset):
                 item[name] = rearrange(video.tokens[name][frames], "(k f) d -> k f d", k=k)
         return item
 
+    def sampled_items(self, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A fixed batch of up to ``n`` items drawn with a private generator (the global RNG is untouched)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        items = [self[i] for i in order]
+        return {key: torch.stack([it[key] for it in items]) for key in items[0]}
+
     def fixed_items(self, n: int) -> dict[str, torch.Tensor]:
         """A deterministic batch for pictures: the first run of up to ``n`` different videos."""
         picks, seen = [], set()

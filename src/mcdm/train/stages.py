@@ -74,6 +74,7 @@ SHARED_STAGE1 = ("full", "wo_mta", "wo_fpc")
 PREVIEW_TIMESTEP = 500
 PREVIEW_CLIPS = 4
 PREVIEW_PRIOR_STEPS = 10  # DDIM steps of the stage-2 picture (a picture only: not model.prior_inference_steps)
+EVAL_ITEMS, EVAL_TIMESTEP_BINS, EVAL_SEED = 8, 4, 1234  # the fixed-batch loss (before / after training)
 
 
 def stage_name(stage: int) -> str:
@@ -333,6 +334,10 @@ class StageTask:
         """A picture of what the stage learned (rank 0, after training), or None."""
         return None
 
+    def fixed_batch_loss(self) -> Optional[float]:
+        """The loss on a fixed batch with fixed noise (see ``DenoiserStage.fixed_batch_loss``)."""
+        return None
+
     def stage_info(self) -> dict:
         return {}
 
@@ -360,10 +365,38 @@ class DenoiserStage(StageTask):
         """What the present-clip attention reads for clip k of the run (none in stage 1)."""
         return {}
 
-    def _clip_cond(self, batch: dict, k: int) -> dict:
+    def _clip_cond(self, batch: dict, k: int, landmarks: bool = True) -> dict:
+        guide = self._landmark_features(batch["landmark_images"][:, k]) if landmarks else None
         return dict(ref_latent=batch["ref_latent"], archived_latents=batch["archived_latents"][:, k],
-                    landmark_features=self._landmark_features(batch["landmark_images"][:, k]),
-                    **self._present(batch, k))
+                    landmark_features=guide, **self._present(batch, k))
+
+    @torch.no_grad()
+    def fixed_batch_loss(self) -> float:
+        """The stage's loss on a fixed batch, at fixed timesteps (the midpoints of EVAL_TIMESTEP_BINS
+        equal bins of [0, T)) and fixed noise, without landmarks (generation's default), memory
+        carried through each run: a deterministic before / after measure of the training, free of
+        the step-to-step noise of the training loss. Draws nothing from the global RNG."""
+        from mcdm.train.data import move_batch
+
+        denoiser = self.parts[DENOISER]
+        was_training = self.model.training
+        self.model.eval()
+        batch = move_batch(self.dataset.sampled_items(EVAL_ITEMS), self.device, next(denoiser.parameters()).dtype)
+        n_t = self.scheduler.config.num_train_timesteps
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        losses = []
+        for i in range(EVAL_TIMESTEP_BINS):
+            t = torch.full((batch["latents"].shape[0],), int((i + 0.5) * n_t / EVAL_TIMESTEP_BINS), device=self.device)
+            memory = None
+            for k in range(batch["latents"].shape[1]):
+                z0 = batch["latents"][:, k]
+                eps = torch.randn(z0.shape, generator=gen).to(z0)
+                out = denoiser(self.scheduler.add_noise(z0, eps, t), t, memory_state=memory,
+                               **self._clip_cond(batch, k, landmarks=False))
+                memory = out.memory_state
+                losses.append(F.mse_loss(out.sample.float(), eps.float()))
+        self.model.train(was_training)
+        return float(torch.stack(losses).mean())
 
     @torch.no_grad()
     def preview(self, out_dir: Path) -> Optional[Path]:
@@ -486,7 +519,7 @@ class Stage2(StageTask):
                             f"{self.features.audio_dim}-wide audio (wo_fpc's present attention reads them)")
         self.parts = {AUDIO_TOKENS: tokens.fit(audio_frames(self.features)).requires_grad_(False)}
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         prior = self.parts[MOTION_PRIOR]
         guider = self.parts[LANDMARK_GUIDER]
         b = batch["audio"].shape[0]
@@ -496,12 +529,26 @@ class Stage2(StageTask):
         return prior.training_loss({
             "audio": batch["audio"][:, 0], "ref_embedding": batch["ref_embedding"], "head": batch["head"][:, 0],
             "lip": batch["lip"][:, 0], "expression": batch["expression"][:, 0], "landmarks": landmarks,
-        })
+        }, generator=generator)
 
     def export_modules(self) -> dict[str, nn.Module]:
         if self.params.variant == "wo_fpc":
             return {AUDIO_TOKENS: self.parts[AUDIO_TOKENS]}
         return {MOTION_PRIOR: self.parts[MOTION_PRIOR]}
+
+    @torch.no_grad()
+    def fixed_batch_loss(self) -> Optional[float]:
+        """Eq. 3 on a fixed batch with fixed timesteps, noise and landmark drops (a private generator)."""
+        if not self.trains:
+            return None
+        from mcdm.train.data import move_batch
+
+        was_training = self.model.training
+        self.model.eval()
+        batch = move_batch(self.dataset.sampled_items(4 * EVAL_ITEMS), self.device, torch.float32)
+        loss = self.loss(batch, generator=torch.Generator().manual_seed(EVAL_SEED))
+        self.model.train(was_training)
+        return float(loss)
 
     @torch.no_grad()
     def preview(self, out_dir: Path) -> Optional[Path]:
@@ -794,6 +841,7 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
     from mcdm.train.engine import TrainSpec, peak_memory_mb, train_loop
 
     started = time.time()
+    torch.set_num_threads(params.train.threads)
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     task = task or build_task(params, stage, inputs, show_progress)
     spec = TrainSpec.from_params(params, stage, checkpoint_dir, fingerprint=task.fingerprint)
@@ -806,6 +854,7 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
 
         ema = EMAModel(trained, decay=params.train.ema_decay)  # decay min(d, (1 + n) / (10 + n))
     metrics: dict[str, Any] = {"stage": stage, "variant": params.variant}
+    eval_start = task.fixed_batch_loss()
     with stage_run(params, stage_name(stage), tags={"train_stage": stage}) as tracker:
         recorder = StepRecorder(tracker, checkpoint_dir, ema, trained)
         rank, result = 0, None
@@ -819,8 +868,12 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
         if rank != 0:
             return metrics
         speed = float(np.median(recorder.speeds)) if recorder.speeds else None
+        eval_end = task.fixed_batch_loss()
         metrics.update({
             **summary,
+            "fixed_batch_loss_start": eval_start,
+            "fixed_batch_loss_end": eval_end,
+            "fixed_batch_loss_fell": None if eval_start is None else bool(eval_end < eval_start),
             "steps": result.steps if result else 0,
             "steps_run": result.steps_run if result else 0,
             "resumed_from": result.resumed_from if result else None,
