@@ -53,3 +53,17 @@ def copy_project(dest: Path, profile: str | None = "micro") -> Path:
 @pytest.fixture
 def project_copy(tmp_path) -> Path:
     return copy_project(tmp_path / "proj")
+
+
+@pytest.fixture(scope="session")
+def micro_pipeline(tmp_path_factory) -> Path:
+    """DECISIONS #13: the micro pipeline, run ONCE per test session with `dvc repro` in a project copy.
+
+    Integration tests read its outputs (data/, models/, reports/, mlflow.db, dvc.lock) instead of
+    re-running stages; a test that changes the copy must work on its own copy (``copy_tree``)."""
+    root = copy_project(tmp_path_factory.mktemp("micro") / "proj")
+    done = subprocess.run(["dvc", "repro"], cwd=root, env=tool_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
+        pytest.fail(f"micro `dvc repro` failed (exit {done.returncode}):\n{tail}")
+    return root
