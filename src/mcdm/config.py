@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Variant = Literal["full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2"]
 VARIANTS: tuple[str, ...] = ("full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2")
@@ -261,12 +261,40 @@ class EvalParams(Section):
 
 
 class AblationParams(Section):
-    variants: list[Variant] = Field(default_factory=lambda: ["wo_fa", "wo_fpc", "wo_mta", "b1", "b2"])
-    seeds: list[int] = Field(default_factory=lambda: [0, 1])
+    """The ablation matrix (paper Tables 4-5; dvc.yaml stage ``ablation``) and what every matrix member
+    (ablation or sweep, ``mcdm ablate``) costs. A member retrains only the stages its variant changes
+    and takes the others from the main line (DECISIONS #10)."""
+
+    variants: list[Variant] = Field(
+        default_factory=lambda: ["full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2"],
+        description="variants of the matrix; `full` is the full model retrained at the members' budget (the tables' reference row)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="training seeds of the matrix (mean and std over them)")
+    alpha: float = Field(0.1, ge=0, le=1, description="Eq. 5 alpha of the ablation members (Tables 4-5: the paper's 0.1); "
+                         "the main line reads `alpha`, the sweep `sweep.alphas`")
+    steps_fraction: float = Field(
+        0.25, gt=0, le=1, description="fraction of train.stageN.steps (and warm-up) a member trains in each stage it "
+        "retrains (at least 1 step); `full` members too, so a `full` member is NOT the main line")
+    eval: dict[str, Any] = Field(
+        default_factory=lambda: {"max_test_clips": 4, "long_term_seconds": 8.0},
+        description="`eval` keys a member evaluates with instead of the main line's (fewer, shorter test clips: "
+        "every member is measured alike, the main line as `eval` says)")
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_overlay(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            EvalParams.model_validate(value)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+            raise ValueError(f"{key}: {msg}") from None
+        return value
 
 
 class SweepParams(Section):
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    alphas: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9],
+                                description="Eq. 5 alphas of the sweep (Figure 7); each member retrains stage 3 only")
 
 
 class RegistryParams(Section):
@@ -315,7 +343,7 @@ PROFILES = ("default", "micro", "paper")
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     got = first.get("input")
