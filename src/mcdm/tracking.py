@@ -29,7 +29,8 @@ dead server costs seconds, not minutes.
 
 **Registry.** :meth:`Tracker.register_model` logs an exported folder and adds it as a new version
 of ``registry.name`` (tags ``variant``, ``alpha``, ...), aliased ``candidate``;
-:func:`register_stage_model` does so only for the main line (variant ``full`` at the default alpha).
+:func:`register_stage_model` does so only for the main line (variant ``full`` at the default alpha,
+outside :func:`ablation_member`).
 :func:`promote` moves ``champion`` to a version when its ``registry.primary_metric`` beats the
 champion's (lower is better unless ``registry.lower_is_better`` is false). Aliases only, never stages.
 """
@@ -55,6 +56,7 @@ import numpy as np
 from mcdm.errors import McdmError
 
 PARENT_RUN_ENV = "MCDM_PARENT_RUN_ID"
+MEMBER_ENV = "MCDM_ABLATION_MEMBER"  # set while an ablation / sweep member runs: never the main line
 PIPELINE_TAG = "mcdm.pipeline"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -169,14 +171,34 @@ def run_tags(params, stage: str) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = rev
     if os.environ.get("DVC_STAGE"):
         tags["dvc_stage"] = os.environ["DVC_STAGE"]
+    if os.environ.get(MEMBER_ENV):
+        tags["ablation_member"] = os.environ[MEMBER_ENV]
     return tags
 
 
 def is_main_line(params) -> bool:
-    """The run that registers model versions: variant ``full`` at the schema's default alpha."""
+    """The run that registers model versions: variant ``full`` at the schema's default alpha, and not
+    a member of the ablation matrix or the alpha sweep (a ``full`` member at alpha 0.1 is not it)."""
     from mcdm.config import Params
 
+    if os.environ.get(MEMBER_ENV):
+        return False
     return params.variant == "full" and params.alpha == Params.model_fields["alpha"].default
+
+
+@contextlib.contextmanager
+def ablation_member(name: str) -> Iterator[None]:
+    """Runs inside the block belong to the matrix member ``name``: tagged ``ablation_member``, never
+    the main line (no registry version, no champion), also in child processes (the environment)."""
+    saved = os.environ.get(MEMBER_ENV)
+    os.environ[MEMBER_ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(MEMBER_ENV, None)
+        else:
+            os.environ[MEMBER_ENV] = saved
 
 
 # --------------------------------------------------------------------------------------------------
