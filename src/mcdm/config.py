@@ -272,10 +272,10 @@ class AblationParams(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="Eq. 5 alpha of the ablation members (Tables 4-5: the paper's 0.1); "
                          "the main line reads `alpha`, the sweep `sweep.alphas`")
     steps_fraction: float = Field(
-        0.25, gt=0, le=1, description="fraction of train.stageN.steps (and warm-up) a member trains in each stage it "
+        0.2, gt=0, le=1, description="fraction of train.stageN.steps (and warm-up) a member trains in each stage it "
         "retrains (at least 1 step); `full` members too, so a `full` member is NOT the main line")
     eval: dict[str, Any] = Field(
-        default_factory=lambda: {"max_test_clips": 4, "long_term_seconds": 8.0},
+        default_factory=lambda: {"max_test_clips": 2, "long_term_seconds": 4.0},
         description="`eval` keys a member evaluates with instead of the main line's (fewer, shorter test clips: "
         "every member is measured alike, the main line as `eval` says)")
 

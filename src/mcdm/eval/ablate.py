@@ -149,7 +149,7 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
         metrics["member"] = {
             "name": name, "kind": kind, "variant": variant, "seed": seed, "alpha": mp.alpha,
             "retrained_stages": list(retrained), "main_line_stages": [k for k in STAGES if k not in retrained],
-            "steps_fraction": params.ablations.steps_fraction,
+            "steps_fraction": params.ablations.steps_fraction, "eval": dict(params.ablations.eval),
             "steps": {f"stage{k}": getattr(mp.train, f"stage{k}").steps for k in retrained},
             "train": train, "main_line_params_hash": params.hash(), "wall_s": round(time.time() - started, 2),
         }

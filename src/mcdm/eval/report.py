@@ -312,9 +312,10 @@ def ablations_markdown(rows: list[dict], members: list[dict], sweep: list[dict],
     metric_head = [f"{m.label} ({'↑' if m.higher_is_better else '↓'})" for m in METRICS]
     lines = ["# Ablations and design variants (paper Tables 4-5)", "",
              f"Each row: mean ± sample std over the seeds of its members (`mcdm ablate`), each retrained at "
-             f"{params.ablations.steps_fraction:g} of each stage's steps at alpha {params.ablations.alpha:g}; "
-             "beside it (after /) the paper's number. The `full` row is the full model retrained at that "
-             "same budget, not the main line.", ""]
+             f"{params.ablations.steps_fraction:g} of each stage's steps at alpha {params.ablations.alpha:g} and "
+             f"evaluated with `{json.dumps(params.ablations.eval)}` over the main line's eval settings; beside "
+             "it (after /) the paper's number. The `full` row is the full model retrained at that same budget, "
+             "not the main line.", ""]
     body = []
     for r in rows:
         cells = [f"{fmt_mean_std(r[f'{m.key}_mean'], r[f'{m.key}_std'])} / {fmt(r.get(f'paper_{m.key}'))}" for m in METRICS]
