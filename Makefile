@@ -7,6 +7,8 @@ STAMP := $(VENV)/.mcdm-install-stamp
 PYTEST_ARGS ?=
 # stages call `mcdm`, `dvc`, `deepspeed` from the venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# OpenMP threads sleep instead of spinning while they wait (see src/mcdm/__init__.py)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test install browser params-default params-micro params-paper clean-venv
 
