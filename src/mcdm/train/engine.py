@@ -26,7 +26,7 @@ A stage builds its model (frozen parts with ``requires_grad=False``), a dataset 
     belongs to another model; nothing is deleted);
   - its fingerprint (params, code, anything the stage adds) differs: it cannot continue this run,
     so it is discarded with a message and training starts at step 0 (e.g. after
-    ``dvc exp run -S train.stage1.lr=...`` on a ``persist: true`` checkpoint folder);
+    ``dvc exp run -S train.stage1.lr=...``: the checkpoint folder is not a DVC output, so it outlives the run);
   - it lies past ``steps`` (the step count was lowered): dropped, the newest one within is used.
   A higher step count continues the run (steps are not part of the fingerprint).
 * **Non-finite loss** (or gradient norm): the stage stops with the step number; no checkpoint is
