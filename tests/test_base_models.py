@@ -112,24 +112,26 @@ def test_psnr_gate_fails_after_one_step_with_one_line():
 def test_unet_is_sd_shaped_and_learns_to_denoise_from_a_reference():
     from diffusers import UNet2DConditionModel
 
-    params = tiny_params(unet_steps=40, unet_lr=2e-3)
+    params = tiny_params(unet_steps=150, unet_lr=2e-3)
     params.model = params.model.model_copy(update={"block_out_channels": [16, 32], "attention_head_dim": 2})
     cfg = tiny_unet_config(params.model, 8)
     assert cfg["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]
     assert cfg["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D"]
     assert cfg["cross_attention_dim"] == params.model.prior_dim
-    # latents of 6 "clips": each clip one smooth pattern plus small per-frame noise
+    # latents of 40 "clips": each clip one smooth pattern plus small per-frame noise
     g = torch.Generator().manual_seed(0)
-    patterns = torch.nn.functional.interpolate(torch.randn(6, 4, 2, 2, generator=g), size=8, mode="bilinear")
-    clip = np.repeat(np.arange(6), 20)
+    patterns = torch.nn.functional.interpolate(torch.randn(40, 4, 2, 2, generator=g), size=8, mode="bilinear")
+    clip = np.repeat(np.arange(40), 8)
     latents = patterns[clip] + 0.05 * torch.randn(len(clip), 4, 8, 8, generator=g)
-    fit = clip < 5
+    fit = clip < 36
     unet, ref_tokens, scheduler, report = train_unet(
         latents[fit], clip[fit], latents[~fit], clip[~fit], params.base_models, params.model, progress=False)
     assert isinstance(unet, UNet2DConditionModel)
     assert unet.config.cross_attention_dim == params.model.prior_dim
-    assert report.heldout_eps_mse < 0.8 * report.heldout_eps_mse_init, report.to_dict()
+    assert report.heldout_loss < 0.8 * report.heldout_loss_init, report.to_dict()
+    assert report.heldout_loss < report.heldout_loss_wrong_ref, report.to_dict()  # it uses the reference
     assert dict(scheduler.config)["beta_schedule"] == SD15_SCHEDULER["beta_schedule"]
+    assert scheduler.config.prediction_type == params.base_models.prediction_type == "v_prediction"
 
 
 def test_reference_tokens_shape():

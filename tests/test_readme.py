@@ -15,6 +15,8 @@ in a reader's checkout: after `dvc exp run -S alpha=0.5` the workspace is at alp
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 import subprocess
 import time
@@ -86,6 +88,8 @@ RUNNABLE = [b for b in SHELL_BLOCKS if b.kind == "runnable"]
 
 def test_every_fence_is_shell_with_a_marker_or_declares_its_language():
     assert RUNNABLE, "README.md: no runnable block"
+    commands = {c.split("#")[0].strip() for b in RUNNABLE for c in b.commands}
+    assert set(CLAIMS) <= commands, f"README.md: no runnable command for the checks of {set(CLAIMS) - commands}"
     for b in BLOCKS:
         assert b.lang, f"README.md:{b.line}: a fence without a language (```bash for commands, ```text otherwise)"
         if b.lang in SHELL:
@@ -132,6 +136,26 @@ def user(micro_pipeline, tmp_path_factory):
         subprocess.run(["make", stop], cwd=root, env=env, capture_output=True, timeout=120)
 
 
+def exp_run_reruns_only_what_reads_alpha(out: str, root: Path, env: dict) -> None:
+    """The Experiments section's claim (DECISIONS #10, issue 6): `dvc exp run -S alpha=0.5` re-runs
+    only train_stage3 and the stages after it (evaluate, report), and `dvc exp show` lists the
+    experiment with alpha 0.5 and its metrics beside the baseline."""
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"train_stage3", "evaluate", "report"}, out[-3000:]
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    exps = [e for base in json.loads(shown.stdout) for e in (base.get("experiments") or [])]
+    data = [e["revs"][0]["data"] for e in exps if e["revs"][0]["data"]["params"]["params.yaml"]["data"]["alpha"] == 0.5]
+    assert data, shown.stdout[:2000]
+    metrics = data[0]["metrics"]["reports/metrics.json"]["data"]
+    assert metrics["alpha"] == pytest.approx(0.5) and math.isfinite(metrics["ssim"]), metrics
+
+
+# what a runnable command's output must show beyond exit 0 (the README says so beside it)
+CLAIMS = {"dvc exp run -S alpha=0.5": exp_run_reruns_only_what_reads_alpha}
+
+
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: b.id)
 def test_runnable_block(block, user):
     root, env, micro = user
@@ -142,6 +166,9 @@ def test_runnable_block(block, user):
         out = (done.stdout + done.stderr)[-4000:]
         assert done.returncode == 0, f"README.md:{block.line}: `{command}` exited {done.returncode}:\n{out}"
         print(f"{time.time() - started:6.1f} s  {command}")
+        claim = CLAIMS.get(command.split("#")[0].strip())
+        if claim:
+            claim(done.stdout + done.stderr, root, env)
     if any(c.startswith("mcdm params apply") for c in block.commands):  # the profiles block ends on paper
         subprocess.run(["mcdm", "params", "apply", "micro"], cwd=root, env=env, check=True, capture_output=True)
         assert (root / "params.yaml").read_text() == micro

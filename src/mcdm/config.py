@@ -135,7 +135,12 @@ class BaseModelsParams(Section):
     max_frames: int = Field(4000, ge=16, description="most training frames read for pretraining (evenly spaced per clip)")
     # the tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser when unet_path is not given
     unet_steps: int = Field(800, ge=1, description="UNet pretraining steps")
-    unet_lr: float = Field(5e-4, gt=0, description="learning rate of the UNet pretraining")
+    unet_lr: float = Field(1e-3, gt=0, description="learning rate of the UNet pretraining")
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(
+        "v_prediction", description="what the pretrained tiny UNet predicts (SD-1.5: epsilon, SD-2: v); written to "
+        "models/base/scheduler and read by every later stage; with unet_path, the scheduler beside it decides")
+    min_snr_gamma: Optional[float] = Field(
+        None, gt=0, description="Min-SNR-gamma weighting of the UNet pretraining loss (Hang et al. 2023, e.g. 5); null: unweighted")
     unet_batch_size: int = Field(16, ge=1, description="frames per UNet pretraining step")
     batch_size: int = Field(8, ge=1, description="frames per tiny-VAE step")
     lr: float = Field(6e-3, gt=0, description="peak learning rate of the tiny VAE (AdamW, gradients clipped at norm 1)")

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mcdm.config import BaseModelsParams, ModelParams
 from mcdm.errors import McdmError
+from mcdm.models.diffusion_objective import denoising_mse, training_target
 
 # SD-1.5's scheduler_config.json (the DDPM training schedule its UNet was trained with)
 SD15_SCHEDULER = dict(
@@ -37,10 +37,11 @@ SD15_SCHEDULER = dict(
 EVAL_TIMESTEPS = (50, 250, 500, 750, 950)
 
 
-def make_scheduler():
+def make_scheduler(prediction_type: str = "epsilon"):
+    """SD-1.5's DDPM training schedule, predicting ``prediction_type`` (SD-1.5: epsilon)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SD15_SCHEDULER)
+    return DDPMScheduler(**{**SD15_SCHEDULER, "prediction_type": prediction_type})
 
 
 def _norm_groups(widths: list[int]) -> int:
@@ -78,9 +79,10 @@ def _reference_indices(clip_index: np.ndarray, rng: np.random.Generator, targets
 class UnetReport:
     steps: int
     seconds: float
-    heldout_eps_mse_init: float
-    heldout_eps_mse: float
-    heldout_eps_mse_wrong_ref: float
+    prediction_type: str
+    heldout_loss_init: float
+    heldout_loss: float
+    heldout_loss_wrong_ref: float
     per_timestep: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
@@ -88,18 +90,21 @@ class UnetReport:
         return {
             "steps": self.steps,
             "seconds": round(self.seconds, 2),
-            "heldout_eps_mse_init": self.heldout_eps_mse_init,
-            "heldout_eps_mse": self.heldout_eps_mse,
-            "heldout_eps_mse_wrong_reference": self.heldout_eps_mse_wrong_ref,
-            "heldout_eps_mse_per_timestep": self.per_timestep,
-            "note": "epsilon MSE on held-out clips at fixed noise; 1.0 = predicting zero noise",
+            "prediction_type": self.prediction_type,
+            "heldout_loss_init": self.heldout_loss_init,
+            "heldout_loss": self.heldout_loss,
+            "heldout_loss_wrong_reference": self.heldout_loss_wrong_ref,
+            "heldout_loss_per_timestep": self.per_timestep,
+            "note": f"unweighted {self.prediction_type} MSE on held-out clips at fixed noise and timesteps; "
+                    "about 1.0 = predicting zero",
             "history": self.history,
         }
 
 
 @torch.no_grad()
-def heldout_eps_mse(unet, ref_tokens, scheduler, latents: torch.Tensor, refs: torch.Tensor, seed: int = 0) -> dict[int, float]:
-    """Epsilon MSE per fixed timestep on ``latents`` with references ``refs`` (same noise every call)."""
+def heldout_loss(unet, ref_tokens, scheduler, latents: torch.Tensor, refs: torch.Tensor, seed: int = 0) -> dict[int, float]:
+    """Unweighted MSE (of the scheduler's prediction type) per fixed timestep on ``latents`` with
+    references ``refs`` (same noise every call)."""
     unet.eval()
     ref_tokens.eval()
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +117,7 @@ def heldout_eps_mse(unet, ref_tokens, scheduler, latents: torch.Tensor, refs: to
             z0, eps, ref = latents[i : i + 64].to(device), noise[i : i + 64].to(device), refs[i : i + 64].to(device)
             ts = torch.full((len(z0),), t, dtype=torch.long, device=device)
             pred = unet(scheduler.add_noise(z0, eps, ts), ts, encoder_hidden_states=ref_tokens(ref)).sample
-            errs.append(((pred - eps) ** 2).mean((1, 2, 3)).cpu())
+            errs.append(((pred - training_target(scheduler, z0, eps, ts)) ** 2).mean((1, 2, 3)).cpu())
         out[t] = float(torch.cat(errs).mean())
     return out
 
@@ -143,7 +148,7 @@ def train_unet(
     rng = np.random.default_rng(seed + 1)
     unet = UNet2DConditionModel(**tiny_unet_config(model, h, c)).to(device)
     ref_tokens = ReferenceTokens(latent_channels=c, sample_size=h, patch_size=model.patch_size, dim=model.prior_dim).to(device)
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(bm.prediction_type)
     params = list(unet.parameters()) + list(ref_tokens.parameters())
     opt = torch.optim.AdamW(params, lr=bm.unet_lr, weight_decay=0.0)
 
@@ -153,7 +158,7 @@ def train_unet(
     eval_rng = np.random.default_rng(seed + 2)
     held_ref = heldout_latents[_reference_indices(heldout_clip_index, eval_rng, pick)]
     wrong_ref = fit_latents[eval_rng.integers(0, len(fit_latents), len(pick))]
-    init = heldout_eps_mse(unet, ref_tokens, scheduler, held, held_ref, seed)
+    init = heldout_loss(unet, ref_tokens, scheduler, held, held_ref, seed)
 
     history: list[dict] = []
     started = time.perf_counter()
@@ -170,9 +175,9 @@ def train_unet(
             z0, ref = z0.flip(-1), ref.flip(-1)
         eps = torch.randn_like(z0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), device=device)
-        # L = |eps - eps_theta(z_t, t, tok(z_ref))|^2
+        # L = w_t |y_t - f_theta(z_t, t, tok(z_ref))|^2
         pred = unet(scheduler.add_noise(z0, eps, t), t, encoder_hidden_states=ref_tokens(ref)).sample
-        loss = F.mse_loss(pred, eps)
+        loss = denoising_mse(scheduler, pred, z0, eps, t, min_snr_gamma=bm.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -184,14 +189,15 @@ def train_unet(
             bar.set_postfix(loss=f"{running:.4f}")
             history.append({"step": step, "loss": round(running, 5)})
     bar.close()
-    final = heldout_eps_mse(unet, ref_tokens, scheduler, held, held_ref, seed)
-    wrong = heldout_eps_mse(unet, ref_tokens, scheduler, held, wrong_ref, seed)
+    final = heldout_loss(unet, ref_tokens, scheduler, held, held_ref, seed)
+    wrong = heldout_loss(unet, ref_tokens, scheduler, held, wrong_ref, seed)
     report = UnetReport(
         steps=bm.unet_steps,
         seconds=time.perf_counter() - started,
-        heldout_eps_mse_init=float(np.mean(list(init.values()))),
-        heldout_eps_mse=float(np.mean(list(final.values()))),
-        heldout_eps_mse_wrong_ref=float(np.mean(list(wrong.values()))),
+        prediction_type=bm.prediction_type,
+        heldout_loss_init=float(np.mean(list(init.values()))),
+        heldout_loss=float(np.mean(list(final.values()))),
+        heldout_loss_wrong_ref=float(np.mean(list(wrong.values()))),
         per_timestep={str(k): round(v, 5) for k, v in final.items()},
         history=history,
     )

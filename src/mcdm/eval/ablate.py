@@ -145,7 +145,8 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
                   f"{result.get('wall_s', 0):.0f} s")
         # 2. the pipeline from the member's stages and the main line's others, evaluated as `evaluate` does
         pipe = MCDMPipeline.from_models_dir(models, mp, overrides=pipeline_overrides(folders, models))
-        metrics = evaluate(features, models, syncnet, reports, samples, mp, pipe=pipe, progress=progress)
+        metrics = evaluate(features, models, syncnet, reports, samples, mp, pipe=pipe, progress=progress,
+                           baselines=False)  # model-independent: the main line's evaluate measures them
         metrics["member"] = {
             "name": name, "kind": kind, "variant": variant, "seed": seed, "alpha": mp.alpha,
             "retrained_stages": list(retrained), "main_line_stages": [k for k in STAGES if k not in retrained],

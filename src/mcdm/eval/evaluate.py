@@ -10,7 +10,9 @@
    the trivial baselines: ``static_reference`` (the reference frame repeated: identity 0 by
    construction, a bound, DECISIONS #20) and ``ground_truth`` (ground truth vs itself: SSIM 1).
    ``checks`` states, true or false, whether the model beats the static reference on Sync-C and FVD
-   and whether its identity distance is within 0.05 of ground truth's.
+   and whether its identity distance is within 0.05 of ground truth's. Ablation and sweep members
+   (``baselines=False``) skip the baselines: they do not depend on the model, so the main line's
+   ``evaluate`` measures them once for the report.
 3. Long-term curve (Figure 5, DECISIONS #11): on the ``long_term``-flagged test clip(s), generate up to
    ``eval.long_term_seconds`` and record SSIM against ground truth and the identity distance to the
    reference (generated and ground truth) over the frame index, streaming (constant memory).
@@ -422,8 +424,9 @@ def generate_test_set(pipe, clips: pd.DataFrame, params: Params, progress: bool 
 
 
 def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional[str | Path], out_dir: str | Path,
-             samples_dir: str | Path, params: Params, pipe=None, progress: bool = True) -> dict:
-    """Run the stage (see the module docstring); returns the content of metrics.json."""
+             samples_dir: str | Path, params: Params, pipe=None, progress: bool = True, baselines: bool = True) -> dict:
+    """Run the stage (see the module docstring); returns the content of metrics.json. ``baselines``
+    False: the model's metrics only (``baselines`` and ``checks`` null)."""
     from mcdm.data.io import write_video
     from mcdm.models.pipeline import MCDMPipeline
 
@@ -447,9 +450,12 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     audios = [it["audio"] for it in items]
     # 2. metrics of the model and of the trivial baselines, same backends, same run
     full, per_clip = video_metrics(suite, real, fake, refs, audios)
-    static_videos = [np.repeat(r[None], len(v), axis=0) for r, v in zip(refs, real)]
-    static, static_clip = video_metrics(suite, real, static_videos, refs, audios)
-    ground, ground_clip = video_metrics(suite, real, [v.copy() for v in real], refs, audios)
+    static = ground = None
+    static_clip = ground_clip = [{}] * len(items)
+    if baselines:
+        static_videos = [np.repeat(r[None], len(v), axis=0) for r, v in zip(refs, real)]
+        static, static_clip = video_metrics(suite, real, static_videos, refs, audios)
+        ground, ground_clip = video_metrics(suite, real, [v.copy() for v in real], refs, audios)
     rows = []
     for it, own, st, gt in zip(items, per_clip, static_clip, ground_clip):
         rows.append({"clip_id": it["clip_id"], "long_term": it["long_term"], "n_frames": it["n"], **own,
@@ -471,8 +477,8 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
                                 video_dir=samples_dir if p.n_samples else None, faces=suite.faces, progress=progress)
     metrics = {
         **full,
-        "baselines": {"static_reference": static, "ground_truth": ground},
-        "checks": comparison_checks(full, static),
+        "baselines": {"static_reference": static, "ground_truth": ground} if baselines else None,
+        "checks": comparison_checks(full, static) if baselines else None,
         "long_term": long_term,
         "variant": pipe.variant, "alpha": float(pipe.denoiser.config.alpha), "steps": p.steps,
         "params_hash": params.hash(), "checkpoint": pipe.config.provenance.get("source"),

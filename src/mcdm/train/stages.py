@@ -18,15 +18,16 @@ stage  trains                                                     frozen / not u
        on runs of K consecutive clips, memory carried detached    guider, stage 2's prior)
 =====  =========================================================  ==========================================
 
-Losses (standard diffusion MSE, epsilon prediction):
+Losses (standard diffusion MSE, in the base UNet's parameterisation: y = eps for SD-1.5, y = v =
+sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 for the pretrained tiny UNet; :mod:`mcdm.models.diffusion_objective`):
 
-* stages 1 and 3:  L = E_{z_0, eps, t} || eps - eps_theta(z_t, t, z_ref, z_arch, F_pc, G(landmarks)) ||^2,
+* stages 1 and 3:  L = E_{z_0, eps, t} || y_t - f_theta(z_t, t, z_ref, z_arch, F_pc, G(landmarks)) ||^2,
   z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with the base UNet's training schedule; the landmark
   guider's features G are dropped for a whole clip with probability ``model.p_drop_landmarks``
   (generation runs without a driving video by default).
   The timesteps of a step's clips are stratified (one per 1/n of [0, T), Kingma et al. 2021): the
   same expected loss with less variance between steps.
-* stage 3 over a run of K clips: M_0 = none; for k = 1..K: (eps_hat_k, M_k) = eps_theta(..., M_{k-1});
+* stage 3 over a run of K clips: M_0 = none; for k = 1..K: (y_hat_k, M_k) = f_theta(..., M_{k-1});
   M_k is detached before it is carried (DECISIONS #6), L = mean_k L_k. Each clip has its own
   timestep, so the carried memory comes from every noise level (generation carries the memory of
   the previous clip's last, least noisy step). F_pc comes from the frozen stage-2 prior's token
@@ -53,7 +54,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
@@ -61,6 +61,7 @@ from torch import nn
 
 from mcdm.config import Params
 from mcdm.errors import McdmError, MissingStageOutput
+from mcdm.models.diffusion_objective import denoising_mse, predicted_x0
 from mcdm.models.encoders import LandmarkGuider, MotionEncoders, frame_windows, load_strict
 from mcdm.models.motion_prior import PresentClipMotionPrior
 from mcdm.models.temporal_attention import detach_memory
@@ -268,12 +269,12 @@ def stratified_timesteps(n: int, num_train_timesteps: int, device) -> torch.Tens
 
 
 def diffusion_mse(denoiser: MCDMDenoiser, scheduler, z0: torch.Tensor, t: torch.Tensor, memory=None, **cond):
-    """Eq. of the module docstring for one clip per item at timesteps ``t`` (B,); returns (eps MSE,
-    the MTA memory state the clip leaves)."""
+    """Eq. of the module docstring for one clip per item at timesteps ``t`` (B,); returns (the MSE
+    against the scheduler's target, the MTA memory state the clip leaves)."""
     eps = torch.randn_like(z0)
     z_t = scheduler.add_noise(z0, eps, t)  # z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
     out = denoiser(z_t, t, memory_state=memory, **cond)
-    return F.mse_loss(out.sample.float(), eps.float()), out.memory_state
+    return denoising_mse(scheduler, out.sample, z0, eps, t), out.memory_state
 
 
 def keep_mask(batch: int, p_drop: float, device) -> torch.Tensor:
@@ -394,7 +395,7 @@ class DenoiserStage(StageTask):
                 out = denoiser(self.scheduler.add_noise(z0, eps, t), t, memory_state=memory,
                                **self._clip_cond(batch, k, landmarks=False))
                 memory = out.memory_state
-                losses.append(F.mse_loss(out.sample.float(), eps.float()))
+                losses.append(denoising_mse(self.scheduler, out.sample, z0, eps, t))
         self.model.train(was_training)
         return float(torch.stack(losses).mean())
 
@@ -422,9 +423,7 @@ class DenoiserStage(StageTask):
         z_t = self.scheduler.add_noise(z0, eps, t)
         cond = self._clip_cond(batch, 0)
         cond["landmark_features"] = cond["landmark_features"] * 0  # generation's default: no driving video
-        eps_hat = denoiser(z_t, t, **cond).sample
-        abar = self.scheduler.alphas_cumprod.to(dev)[PREVIEW_TIMESTEP]
-        x0_hat = (z_t - (1 - abar).sqrt() * eps_hat) / abar.sqrt()  # z_0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar)
+        x0_hat = predicted_x0(self.scheduler, z_t, denoiser(z_t, t, **cond).sample, t)
         mid = z0.shape[2] // 2
         rows = [x[:, :, mid] for x in (z0, z_t, x0_hat)]
         vae = self.vae.to(dev)
