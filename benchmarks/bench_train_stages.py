@@ -3,7 +3,10 @@
 Every ``mcdm train --stage N`` writes ``reports/train_stageN.json`` with ``samples_per_s`` (median
 over the run's steps; a stage-3 sample is a run of ``train.stage3.clips_per_run`` clips, so
 ``clips_per_s`` is given too), ``batch_size``, ``steps``, ``train_wall_s``, ``wall_s`` and
-``peak_rss_mb``. This script copies those figures into ``reports/benchmarks.json`` under
+``peak_rss_mb``. ``samples_per_s`` times the optimizer steps only (forward, backward, step); this
+script adds ``samples_per_s_end_to_end`` = steps run x batch / ``train_wall_s`` (data loading,
+logging and checkpoints included) and the load average, and copies the figures into
+``reports/benchmarks.json`` under
 ``train_stages.<device>`` (merged into the existing file, write-then-rename), so the training speed sits
 beside the other benchmarks. Run it after ``dvc repro train_stage3``:
 
@@ -31,9 +34,12 @@ def collect(reports: Path) -> tuple[str, dict]:
             raise McdmError(f"missing {path}: run `dvc repro train_stage{stage}` first")
         metrics = json.loads(path.read_text())
         figures[f"stage{stage}"] = {k: metrics.get(k) for k in FIELDS}
+        run, batch, wall = metrics.get("steps_run"), metrics.get("batch_size"), metrics.get("train_wall_s")
+        figures[f"stage{stage}"]["samples_per_s_end_to_end"] = (run * batch / wall) if run and batch and wall else None
         devices.add(str(metrics.get("device", "cpu")).split(":")[0])
     device = "cuda" if "cuda" in devices else "cpu"
-    figures["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
+    figures["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "load_average_now": [round(x, 2) for x in os.getloadavg()]}
     return device, figures
 
 
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     write_merged(args.out, device, figures)
     for stage in ("stage1", "stage2", "stage3"):
         f = figures[stage]
-        print(f"{stage}: {f['samples_per_s']:.2f} samples/s (batch {f['batch_size']}, {f['steps']} steps, "
+        print(f"{stage}: {f['samples_per_s']:.2f} samples/s in steps, {f['samples_per_s_end_to_end'] or 0:.2f} end to end "
+              f"(batch {f['batch_size']}, {f['steps']} steps, "
               f"{f['train_wall_s']:.0f} s training, peak RSS {f['peak_rss_mb']:.0f} MiB)")
     print(f"wrote {args.out} [train_stages.{device}]")
     return 0

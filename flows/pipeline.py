@@ -162,11 +162,22 @@ def matrix_stages(project_dir: Path) -> list[str]:
     return [name for name, body in stages.items() if "matrix" in body]
 
 
+def report_input_stages(project_dir: Path, target: str = MAIN_TARGET, report: str = REPORT_STAGE) -> list[str]:
+    """Non-matrix stages of dvc.yaml after the main line's ``target`` and before ``report`` (in file
+    order): what the report reads beyond the main line and the matrix (e.g. open_set, token_figures)."""
+    stages = yaml.safe_load((project_dir / "dvc.yaml").read_text())["stages"]
+    names = list(stages)
+    start = names.index(target) + 1 if target in names else 0
+    stop = names.index(report) if report in names else len(names)
+    return [n for n in names[start:stop] if "matrix" not in stages[n] and "foreach" not in stages[n]]
+
+
 @flow(name="ablations", log_prints=True)
 def ablations(project_dir: str = str(PROJECT_DIR), report: bool = True) -> list[str]:
     """The variant x seed ablations and the alpha sweep: `dvc repro` on the matrix stages of dvc.yaml
     (DECISIONS #10), so each member re-runs only the stages its variant changes and takes the rest
-    from the main line; then the report stage gathers the tables."""
+    from the main line; then the report's other inputs beyond the main line (open set, token figures)
+    and the report stage, which gathers the tables."""
     root = Path(project_dir)
     done = []
     for stage in matrix_stages(root):
@@ -174,6 +185,9 @@ def ablations(project_dir: str = str(PROJECT_DIR), report: bool = True) -> list[
         done.append(stage)
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     if report and REPORT_STAGE in stages:
+        for stage in report_input_stages(root):
+            dvc_repro(stage, project_dir)
+            done.append(stage)
         dvc_repro(REPORT_STAGE, project_dir)
         done.append(REPORT_STAGE)
     return done

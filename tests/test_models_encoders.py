@@ -206,6 +206,15 @@ def test_landmark_heatmaps_peak_on_landmarks():
     assert maps[0, 0, 0, 0, 0] < 1e-3 and maps.max() <= 1.0
 
 
+def test_landmark_heatmaps_equal_the_direct_gaussian_max():
+    """The separable product equals max_i exp(-|p - l_i|^2 / (2 sigma^2)) computed directly."""
+    lm = np.random.default_rng(0).uniform(-5, 37, size=(3, 68, 2)).astype(np.float32)
+    grid = np.arange(32, dtype=np.float64)
+    d2 = (grid[None, None, :, None] - lm[:, :, None, None, 1]) ** 2 + (grid[None, None, None, :] - lm[:, :, None, None, 0]) ** 2
+    direct = np.exp(-d2 / (2 * 1.0**2)).max(1)
+    np.testing.assert_allclose(enc.render_landmark_heatmaps(lm, 32)[:, 0].numpy(), direct, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ modules
 def _round_trip(model, inputs, tmp_path, fn=None):
     fn = fn or (lambda m, x: m(x))

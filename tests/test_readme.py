@@ -138,10 +138,10 @@ def user(micro_pipeline, tmp_path_factory):
 
 def exp_run_reruns_only_what_reads_alpha(out: str, root: Path, env: dict) -> None:
     """The Experiments section's claim (DECISIONS #10, issue 6): `dvc exp run -S alpha=0.5` re-runs
-    only train_stage3 and the stages after it (evaluate, report), and `dvc exp show` lists the
-    experiment with alpha 0.5 and its metrics beside the baseline."""
+    only train_stage3 and the stages after it that read its model (evaluate, open_set, report), and
+    `dvc exp show` lists the experiment with alpha 0.5 and its metrics beside the baseline."""
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"train_stage3", "evaluate", "report"}, out[-3000:]
+    assert ran == {"train_stage3", "evaluate", "open_set", "report"}, out[-3000:]
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True,
                            timeout=300)
     assert shown.returncode == 0, shown.stderr[-2000:]

@@ -29,6 +29,8 @@ COMMAND_MODULES = [
     "mcdm.commands.base_models_cmd",
     "mcdm.commands.features_cmd",
     "mcdm.commands.evaluate_cmd",
+    "mcdm.commands.open_set_cmd",
+    "mcdm.commands.token_figures_cmd",
     "mcdm.commands.ablate_cmd",
     "mcdm.commands.report_cmd",
     "mcdm.commands.generate_cmd",

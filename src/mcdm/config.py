@@ -55,7 +55,7 @@ class SampleParams(Section):
 
     n_videos: int = Field(40, ge=1, description="regular videos (about 35% carry a planted defect, at least one of each kind)")
     seconds_min: float = Field(6.0, gt=0, description="shortest regular video, seconds (before time_scale)")
-    seconds_max: float = Field(15.0, gt=0, description="longest regular video, seconds (before time_scale)")
+    seconds_max: float = Field(12.0, gt=0, description="longest regular video, seconds (before time_scale)")
     time_scale: float = Field(1.0, gt=0, description="multiplies every duration (`mcdm sample-data --seconds`)")
     too_long_seconds: float = Field(34.0, gt=0, description="length of the planted too-long videos (never below 31 s)")
     n_long: int = Field(2, ge=0, description="long clean videos for the long-term curve (exempt from trimming)")
@@ -89,7 +89,7 @@ class SyncNetParams(Section):
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 128],
                                 description="conv widths of the audio and video streams (each stage halves the map)")
     embed_dim: int = Field(128, ge=8, description="width of the L2-normalised embedding")
-    train_steps: int = Field(600, ge=1)
+    train_steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=2, description="in-sync pairs per step (as many shifted pairs are added)")
     lr: float = Field(1e-3, gt=0)
     margin: float = Field(1.0, gt=0, description="contrastive-loss margin on the embedding distance")
@@ -124,9 +124,9 @@ class BaseModelsParams(Section):
     vae_layers_per_block: int = Field(1, ge=1, description="tiny VAE resnets per block")
     vae_norm_num_groups: int = Field(2, ge=1, description="tiny VAE GroupNorm groups (must divide every width; few groups keep colour)")
     vae_latent_channels: int = Field(4, ge=1, description="latent channels (4, as SD)")
-    vae_steps: int = Field(800, ge=1, description="most tiny-VAE steps (cosine learning-rate schedule over them)")
+    vae_steps: int = Field(500, ge=1, description="most tiny-VAE steps (cosine learning-rate schedule over them)")
     vae_min_steps: int = Field(
-        800, ge=0, description="tiny-VAE steps before training may stop early at the first PSNR check that passes")
+        500, ge=0, description="tiny-VAE steps before training may stop early at the first PSNR check that passes")
     vae_psnr_threshold: float = Field(19.0, description="held-out reconstruction PSNR (dB) the tiny VAE must reach, else the stage fails")
     vae_eval_every: int = Field(100, ge=1, description="steps between held-out PSNR checks")
     vae_kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (SD's VAE uses ~1e-6)")
@@ -166,7 +166,7 @@ class ModelParams(Section):
     prior_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field("squaredcos_cap_v2", description="beta schedule of the prior's noise scheduler")
     prior_inference_steps: int = Field(20, ge=1, description="DDIM steps when the prior samples motion tokens")
     landmark_guider_channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], description="landmark guider conv widths; len - 1 stride-2 stages = log2 of the VAE downsampling")
-    motion_encoder_steps: int = Field(300, ge=1, description="training steps of the lip encoder and of the expression encoder (motion_encoders stage)")
+    motion_encoder_steps: int = Field(200, ge=1, description="training steps of the lip encoder and of the expression encoder (motion_encoders stage)")
     motion_encoder_batch_size: int = Field(32, ge=2, description="windows / frames per step in the motion_encoders stage")
     motion_encoder_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the motion_encoders stage")
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
@@ -242,7 +242,7 @@ class TrainParams(Section):
 
 class EvalParams(Section):
     steps: int = Field(10, ge=1, description="DDIM steps at generation")
-    long_term_seconds: float = Field(20.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
+    long_term_seconds: float = Field(12.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
     max_test_clips: int = Field(8, ge=1, description="test clips generated and measured")
     inception_path: Optional[str] = Field(None, description="StyleGAN-family TorchScript Inception (inception-2015-12-05.pt) for FID; else the dlib-descriptor-128 fallback")
     i3d_path: Optional[str] = Field(None, description="StyleGAN-V TorchScript I3D (i3d_torchscript.pt) for FVD; else the dlib landmark-dynamics fallback")
@@ -263,6 +263,27 @@ class EvalParams(Section):
     # long-term curve (Figure 5) on the long_term-flagged test clips
     long_term_clips: int = Field(1, ge=1, description="long-term test clips generated (the curve is their mean)")
     long_term_every: int = Field(5, ge=1, description="long-term curve: one row per this many frames (SSIM averaged over them, identity on the first)")
+
+
+class OpenSetParams(Section):
+    """The open-set table (DECISIONS #23; dvc.yaml stage ``open_set``): portraits of the identities the
+    split held out (``split.open_set_identities``) speaking held-out audio, generated and measured with
+    the main line's ``eval`` settings. Its own section, so that changing it re-runs only that stage."""
+
+    max_pairs: int = Field(8, ge=1, description="portrait x audio rows of data/split/open_set.parquet generated "
+                           "and measured (in portrait clip order)")
+    fid_real_frames: int = Field(200, ge=2, description="training frames in FID's real set (evenly spaced over the "
+                                 "train clips of data/features); the dlib descriptor costs ~0.15 s of CPU per frame")
+
+
+class TokenFiguresParams(Section):
+    """The lip-token heatmap and the t-SNE of expression tokens (Figure 6; dvc.yaml stage ``token_figures``)."""
+
+    heatmap_clips: int = Field(2, ge=1, description="test clips in the lip-token heatmap (regular clips first)")
+    heatmap_seconds: float = Field(4.0, gt=0, description="seconds of each heatmap clip shown (capped by the clip)")
+    tsne_frames_per_clip: int = Field(40, ge=1, description="frames per test / open-set clip (evenly spaced) whose "
+                                      "expression tokens enter the t-SNE")
+    tsne_perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity (lowered to n_points - 1 when fewer points)")
 
 
 class AblationParams(Section):
@@ -327,6 +348,8 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     eval: EvalParams = Field(default_factory=EvalParams)
+    open_set: OpenSetParams = Field(default_factory=OpenSetParams)
+    token_figures: TokenFiguresParams = Field(default_factory=TokenFiguresParams)
     ablations: AblationParams = Field(default_factory=AblationParams)
     sweep: SweepParams = Field(default_factory=SweepParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)

@@ -2,7 +2,8 @@
 alpha sweep, the long-term curves, the data and training numbers.
 
 Every number comes from a file the pipeline wrote (``reports/metrics.json``, the matrix members'
-``metrics.json``, ``reports/train_stage*.json``, ``reports/data_pipeline.json``) and is printed with
+``metrics.json``, ``reports/train_stage*.json``, ``reports/data_pipeline.json``, the open-set summary
+``reports/open_set.json`` and the token figures' ``reports/token_figures.json``) and is printed with
 its backend label and the params hash that produced it; an input that is not there is listed as
 missing, never filled in. The paper's numbers are its Tables 3-5 (TalkingFace-Wild).
 
@@ -12,7 +13,9 @@ Maths:
   its members' values over the seeds, each metric over the members that have it;
 * the paper's ordering full > wo_mta > wo_fpc > wo_fa holds on a metric when each variant's mean is
   strictly better than the next one's (lower FID / FVD / Sync-D / E-FID, higher Sync-C / SSIM);
-* the alpha sweep's wo_mta level is the mean of the wo_mta members (no memory: alpha plays no part).
+* the alpha sweep's wo_mta level is the mean of the wo_mta members (no memory: alpha plays no part);
+* the open set's "open set minus test" differences subtract the test split's pooled value
+  (``metrics.json``) from the open set's mean over all pairs, per metric, where both exist.
 
 Outputs (in ``out``): ``ablations.csv`` (a row per variant), ``ablations.md``, ``alpha_sweep.csv``
 (a row per alpha), ``alpha_sweep.png``, ``long_term_variants.png`` and ``report.md``.
@@ -452,9 +455,96 @@ def long_term_section(main: Optional[dict], rows: list[dict], long_term_png: Opt
     return lines + [""]
 
 
+OPEN_SET_METRICS = (Metric("sync_c", "Sync-C", True), Metric("sync_d", "Sync-D", False), IDENTITY)
+
+
+def open_set_section(summary: Optional[dict], main: Optional[dict], source: Optional[str], out: Path) -> list[str]:
+    """The open-set table (DECISIONS #23): per audio language and over all pairs, Sync-C/D, identity
+    (beside the portrait clip's own), FID against training frames; then the test split beside it."""
+    lines = ["## Open set: unseen portraits x held-out audio", ""]
+    if source is None:
+        return lines + ["Not given to `mcdm report` (`--open-set`): run the `open_set` stage.", ""]
+    if summary is None:
+        return lines + [f"Missing: `{source}` (run `dvc repro open_set`).", ""]
+    table = summary.get("table")
+    groups = [(lang, summary["by_language"][lang]) for lang in summary.get("languages", [])]
+    groups.append(("all languages", summary.get("overall") or {}))
+    rows = [[name, f"{fmt(g.get('n_pairs'))} ({fmt(g.get('cross_language_pairs'))} cross-language)",
+             *[f"{fmt(g.get(m.key))} (n {fmt(g.get(m.key + '_n'))})" for m in OPEN_SET_METRICS],
+             fmt(g.get("identity_gt")), fmt(g.get("fid"))] for name, g in groups]
+    lines += [f"Each portrait is frame 0 of a clip of an identity held out of training and test, speaking a held-out "
+              f"audio clip of another language where one exists; {fmt(summary.get('n_pairs'))} of "
+              f"{fmt(summary.get('pairs_available'))} pairs, {fmt(summary.get('clip_seconds'))} s each at most. Means "
+              "over the pairs that have the metric (n); FID pools the group's generated frames against "
+              f"{fmt((summary.get('fid_real') or {}).get('frames'))} TRAINING frames."
+              + (f" Per pair: [{Path(table).name}]({os.path.relpath(table, out)})." if table else ""), ""]
+    lines.append(md_table(["audio language", "pairs", "Sync-C (↑)", "Sync-D (↓)", "identity (↓)",
+                           "identity of the portrait clip's own frames", "FID vs training frames (↓)"], rows))
+    backends = summary.get("backends") or {}
+    labels = {"sync_c": "Sync-C", "sync_d": "Sync-D", "identity": "identity", "fid": "FID"}
+    lines += ["", "Backends: " + "; ".join(f"{labels.get(k, k)} `{v}`" for k, v in backends.items()) + ". Produced by params hash "
+              f"`{summary.get('params_hash')}` (variant {summary.get('variant')}, alpha {fmt(summary.get('alpha'))}, "
+              f"{fmt(summary.get('steps'))} DDIM steps; models trained with params hash `{summary.get('model_params_hash')}`)."]
+    overall = summary.get("overall") or {}
+    errors = sorted({str(overall[k]) for k in overall if k.endswith("_error") and overall[k]})
+    if errors:
+        lines.append("Not computed: " + "; ".join(errors) + ".")
+    lines += ["", open_set_vs_test_line(overall, main), ""]
+    return lines
+
+
+def open_set_vs_test_line(overall: dict, main: Optional[dict]) -> str:
+    """The open set's overall means beside the test split's numbers (reports/metrics.json)."""
+    if main is None:
+        return "Test split: missing (`metrics.json`), no comparison."
+
+    def diff(key):
+        a, b = overall.get(key), main.get(key)
+        return "n/a" if a is None or b is None else f"{a - b:+.3g}"
+
+    ours = ", ".join(f"{m.label} {fmt(overall.get(m.key))}" for m in OPEN_SET_METRICS)
+    test = ", ".join(f"{m.label} {fmt(main.get(m.key))}" for m in OPEN_SET_METRICS)
+    deltas = ", ".join(f"{m.label} {diff(m.key)}" for m in OPEN_SET_METRICS)
+    return (f"Beside the test split (main line, `metrics.json`, params hash `{main.get('params_hash')}`: seen or unseen "
+            f"portraits with their own audio): test {test} (identity of ground truth {fmt(main.get('identity_gt'))}; "
+            f"FID {fmt(main.get('fid'))}, against the test clips' own frames, not training frames); open set {ours}; "
+            f"open set minus test: {deltas}.")
+
+
+def token_figures_section(summary: Optional[dict], source: Optional[str], out: Path,
+                          found: dict[str, bool]) -> list[str]:
+    """Links to the lip-token heatmap and the t-SNE of expression tokens (Figure 6), with what they show."""
+    lines = ["## Motion tokens: lip-token heatmap and t-SNE of expression tokens (Figure 6)", ""]
+    if source is None:
+        return lines + ["Not given to `mcdm report` (`--token-figures`): run the `token_figures` stage.", ""]
+    if summary is None:
+        return lines + [f"Missing: `{source}` (run `dvc repro token_figures`).", ""]
+    lip, tsne = summary.get("lip_heatmap") or {}, summary.get("tsne") or {}
+    what = ("the present-clip motion prior's sampled lip tokens beside" if lip.get("sampled")
+            else f"not sampled ({lip.get('not_sampled_reason')});")
+    lines.append(f"Lip tokens over time of {', '.join(lip.get('clips', []))}: {what} the lip encoder's tokens of the "
+                 f"ground-truth mouth crops ({fmt(lip.get('lip_dim'))} dims, {fmt(lip.get('prior_steps'))} prior DDIM "
+                 "steps per clip), under the audio's loudness envelope; each heatmap has its own colour bar.")
+    lines += ["", _picture(lip.get("path"), "lip-token heatmap", out, found)]
+    lines += ["", f"t-SNE of {fmt(tsne.get('points'))} expression tokens ({fmt(tsne.get('expression_dim'))} dims) of "
+              f"{fmt(tsne.get('clips'))} test and open-set clips, {fmt(tsne.get('identities'))} identities (perplexity "
+              f"{fmt(tsne.get('perplexity'))}, random_state {fmt(tsne.get('random_state'))}); coordinates in "
+              f"`{tsne.get('csv')}`. Clusters by colour would mean the tokens carry identity rather than expression."]
+    return lines + ["", _picture(tsne.get("path"), "t-SNE of expression tokens", out, found), ""]
+
+
+def _picture(path: Optional[str], label: str, out: Path, found: dict[str, bool]) -> str:
+    """A markdown image link relative to the report, or the line saying the picture is missing."""
+    if path and found.get(path):
+        return f"![{label}]({os.path.relpath(path, out)})"
+    return f"Missing: the {label} picture `{path}`."
+
+
 def write_report(params: Params, metrics: str | Path, members_dir: str | Path, train: Sequence[str | Path],
-                 data: str | Path, out: str | Path, long_term_png: Optional[str | Path] = None) -> dict:
-    """Read the inputs, write the OUTPUTS into ``out``; returns a summary (paths, missing inputs)."""
+                 data: str | Path, out: str | Path, long_term_png: Optional[str | Path] = None,
+                 open_set: Optional[str | Path] = None, token_figures: Optional[str | Path] = None) -> dict:
+    """Read the inputs, write the OUTPUTS into ``out``; returns a summary (paths, missing inputs).
+    ``open_set`` / ``token_figures``: the summaries of those stages (their sections say so when not given)."""
     out = Path(out)
     main = read_json(metrics)
     data_report = read_json(data)
@@ -479,14 +569,24 @@ def write_report(params: Params, metrics: str | Path, members_dir: str | Path, t
              **{p: t is not None for p, t in trains.items()}, f"{members_dir}/*/metrics.json": bool(all_members)}
     if long_term_png is not None:
         found[str(long_term_png)] = Path(long_term_png).is_file()
+    open_summary = figures = None
+    if open_set is not None:
+        open_summary = read_json(open_set)
+        found[str(open_set)] = open_summary is not None
+    if token_figures is not None:
+        figures = read_json(token_figures)
+        found[str(token_figures)] = figures is not None
+        for part in ("lip_heatmap", "tsne"):
+            picture = ((figures or {}).get(part) or {}).get("path")
+            if picture:
+                found[str(picture)] = Path(picture).is_file()
     rel = (lambda p: os.path.relpath(p, out))
     lines = ["# MCDM at the embedded scale: report", "",
              "Written by `mcdm report` from the pipeline's files; every number below is read from them, with "
              "the backend that measured it and the params hash that produced it. Missing inputs are listed, "
              "not filled in.", "", "## Inputs", "", *_inputs_table(found)]
     lines += [f"- missing {m}" for m in missing_members] + [f"- ignored (not in the current matrix): `{p}`" for p in ignored]
-    lines += ["- not produced by this pipeline (DECISIONS #23): the open-set table, the lip-token heatmap and the "
-              "t-SNE of expression tokens (Figure 6)", ""]
+    lines.append("")
     lines += main_line_section(main, data_report)
     lines += ["## Ablations and variants (Tables 4-5)", "", f"Full tables: [ablations.md](ablations.md), "
               "[ablations.csv](ablations.csv).", ""]
@@ -508,6 +608,8 @@ def write_report(params: Params, metrics: str | Path, members_dir: str | Path, t
         lines += ["Missing: no sweep member (run `dvc repro sweep`).", ""]
     lines += long_term_section(main, rows, rel(long_term_png) if found.get(str(long_term_png)) else None,
                                rel(curves) if curves else None)
+    lines += open_set_section(open_summary, main, None if open_set is None else str(open_set), out)
+    lines += token_figures_section(figures, None if token_figures is None else str(token_figures), out, found)
     lines += data_section(data_report)
     lines += train_section(trains)
     _write_text("\n".join(lines) + "\n", out / "report.md")

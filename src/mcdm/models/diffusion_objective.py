@@ -4,8 +4,8 @@ SD-1.5's UNet predicts the noise (``prediction_type = "epsilon"``); SD-2's predi
 (``"v_prediction"``, Salimans & Ho 2022, Progressive Distillation). The tiny UNet that
 ``base_models`` pretrains uses v: at the embedded scale and step budget, epsilon prediction leaves
 the high-noise steps of sampling to an x0 estimate ``(z_t - sqrt(1 - abar) eps_hat) / sqrt(abar)``
-that amplifies every error of ``eps_hat`` by ``1 / sqrt(abar)`` (x 15 at t = 950), and its samples
-were not faces after 800 steps; v-prediction's samples were (see docs/README).
+that amplifies every error of ``eps_hat`` by ``sqrt(1 - abar) / sqrt(abar)`` (x 11 at t = 950), and
+its 10-step DDIM samples were not faces after 800 steps; v-prediction's were (README, "The pipeline").
 
     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
     epsilon:       target = eps
