@@ -190,6 +190,24 @@ def test_sample_shapes_and_determinism():
         run(0, landmarks=lm)
 
 
+def test_sampling_never_starts_at_the_degenerate_last_timestep_and_stays_bounded():
+    """The cosine schedule's abar at t = T-1 is ~1e-9 (x0 = (z - sqrt(1 - abar) eps) / sqrt(abar) would
+    amplify any epsilon error ~1e4-fold): DDIM starts at a "leading" timestep and clips x0, so even an
+    untrained prior (random weights) gives tokens within PRIOR_X0_RANGE."""
+    from diffusers import DDIMScheduler
+
+    from mcdm.models.motion_prior import PRIOR_X0_RANGE
+
+    model = randomise(PresentClipMotionPrior(**{**TINY, "num_train_timesteps": 1000}), seed=3).eval()
+    sched = DDIMScheduler(**model._scheduler_kwargs())
+    sched.set_timesteps(20)
+    assert int(sched.timesteps[0]) < 999 and float(sched.alphas_cumprod[sched.timesteps[0]]) > 1e-3
+    b = batch()
+    out = model.sample(b["audio"], b["ref_embedding"], num_inference_steps=20, generator=torch.Generator().manual_seed(0))
+    for k in ("head", "lip", "expression"):
+        assert getattr(out, k).abs().max() <= PRIOR_X0_RANGE + 1e-4
+
+
 def test_present_clip_tokens_shape_and_dependence():
     model = randomise(PresentClipMotionPrior(**TINY))
     b = batch()

@@ -46,6 +46,9 @@ SLOTS_PER_FRAME = 4
 TYPE_LANDMARK = 4  # type embedding of a landmark token sitting in the head slot
 
 
+PRIOR_X0_RANGE = 6.0  # motion tokens are standardised: |x0| > 6 sd is a sampling blow-up, never data
+
+
 @dataclass
 class MotionPriorOutput(BaseOutput):
     """Per-frame motion tensors (B, F, dim): eps predictions from ``forward``, tokens from ``sample``."""
@@ -197,8 +200,15 @@ class PresentClipMotionPrior(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ schedulers
     def _scheduler_kwargs(self) -> dict:
+        """Training (DDPM) and sampling (DDIM) schedule of the prior. Sampling timesteps are spaced
+        "leading" with SD's ``steps_offset=1`` (first step t = 951 of 1000 at 20 steps), never t = 999:
+        the cosine schedule's abar_999 is 2.4e-9, so the x0 estimate (z - sqrt(1 - abar) eps) / sqrt(abar)
+        of a "trailing" first step amplified the prior's epsilon error 20,000-fold (sampled tokens of
+        +-2e4 where standardised tokens are +-3). x0 is clipped to +-``PRIOR_X0_RANGE`` standard
+        deviations at every step as a guard."""
         return dict(num_train_timesteps=self.config.num_train_timesteps, beta_schedule=self.config.beta_schedule,
-                    prediction_type="epsilon", clip_sample=False, timestep_spacing="trailing")
+                    prediction_type="epsilon", clip_sample=True, clip_sample_range=PRIOR_X0_RANGE,
+                    timestep_spacing="leading", steps_offset=1)
 
     @property
     def noise_scheduler(self) -> DDPMScheduler:
