@@ -388,6 +388,35 @@ def long_term_curve(pipe, features_dir: str | Path, csv_path: str | Path, params
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+def generate_batched(pipe, refs: list, ref_landmarks: list, audios: list, lengths: list[int], params: Params,
+                     landmarks: Optional[list] = None, desc: str = "generating", progress: bool = True):
+    """Generate one video per reference / audio, ``eval.batch_size`` at a time (similar lengths share
+    a batch; a batch runs to its longest and each video is cut to its own length), with the generator
+    seeded by ``seed``. ``landmarks``: per item (n_i, 68, 2) driving landmarks, the last repeated to
+    fill a batch. Returns (videos, generation seconds per item), in input order."""
+    p = params.eval
+    videos, seconds = [None] * len(lengths), [0.0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    generator = torch.Generator().manual_seed(params.seed)
+    bar = tqdm(total=sum(lengths), desc=desc, unit="frame", disable=not progress)
+    for b in range(0, len(order), p.batch_size):
+        batch = order[b:b + p.batch_size]
+        n = max(lengths[i] for i in batch)
+        lm = None
+        if landmarks is not None:
+            lm = np.stack([np.concatenate([landmarks[i], np.repeat(landmarks[i][-1:], n - lengths[i], 0)]) for i in batch])
+        t0 = time.perf_counter()
+        fake = pipe.generate_batch(np.stack([refs[i] for i in batch]), [audios[i] for i in batch], n,
+                                   ref_landmarks=np.stack([ref_landmarks[i] for i in batch]), landmarks=lm,
+                                   num_inference_steps=p.steps, generator=generator, progress=False)
+        per_item = (time.perf_counter() - t0) / len(batch)
+        for i, video in zip(batch, fake):
+            videos[i], seconds[i] = video[: lengths[i]], per_item
+        bar.update(sum(lengths[i] for i in batch))
+    bar.close()
+    return videos, seconds
+
+
 def generate_test_set(pipe, clips: pd.DataFrame, params: Params, progress: bool = True) -> dict:
     """Generate every selected test clip; returns ids, real / fake videos, refs, audios, timing."""
     p, fps, rate = params.eval, params.data.fps, params.data.audio_rate
@@ -399,25 +428,13 @@ def generate_test_set(pipe, clips: pd.DataFrame, params: Params, progress: bool 
         items.append({"clip_id": row["clip_id"], "long_term": bool(row["long_term"]), "n": n,
                       "real": clip.frames(0, n), "landmarks": clip.landmarks(0, n),
                       "audio": clip.waveform(n, fps, rate)})
-    order = sorted(range(len(items)), key=lambda i: items[i]["n"])  # similar lengths share a batch
-    generator = torch.Generator().manual_seed(params.seed)
+    lm = [it["landmarks"] for it in items] if p.use_landmarks else None
     started = time.perf_counter()
-    bar = tqdm(total=sum(it["n"] for it in items), desc="generating test clips", unit="frame", disable=not progress)
-    for b in range(0, len(order), p.batch_size):
-        batch = [items[i] for i in order[b:b + p.batch_size]]
-        n = max(it["n"] for it in batch)
-        lm = None
-        if p.use_landmarks:
-            lm = np.stack([np.concatenate([it["landmarks"], np.repeat(it["landmarks"][-1:], n - it["n"], 0)]) for it in batch])
-        t0 = time.perf_counter()
-        fake = pipe.generate_batch(np.stack([it["real"][0] for it in batch]), [it["audio"] for it in batch], n,
-                                   ref_landmarks=np.stack([it["landmarks"][0] for it in batch]), landmarks=lm,
-                                   num_inference_steps=p.steps, generator=generator, progress=False)
-        seconds = (time.perf_counter() - t0) / len(batch)
-        for it, video in zip(batch, fake):
-            it["fake"], it["gen_seconds"] = video[: it["n"]], seconds
-        bar.update(sum(it["n"] for it in batch))
-    bar.close()
+    videos, seconds = generate_batched(pipe, [it["real"][0] for it in items], [it["landmarks"][0] for it in items],
+                                       [it["audio"] for it in items], [it["n"] for it in items], params,
+                                       landmarks=lm, desc="generating test clips", progress=progress)
+    for it, video, sec in zip(items, videos, seconds):
+        it["fake"], it["gen_seconds"] = video, sec
     elapsed = time.perf_counter() - started
     frames = sum(it["n"] for it in items)
     return {"items": items, "seconds": elapsed, "frames": frames}

@@ -46,13 +46,11 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from mcdm.config import Params
 from mcdm.errors import McdmError, MissingStageOutput
 from mcdm.eval import metrics as M
-from mcdm.eval.evaluate import ClipFeatures, _guard, _jsonable, _write_csv, _write_json, read_index
+from mcdm.eval.evaluate import ClipFeatures, _guard, _jsonable, _write_csv, _write_json, generate_batched, read_index
 
 STAGE = "open_set"
 PAIR_COLUMNS = ("clip_id", "source_id", "audio_clip_id", "audio_language", "cross_language")
@@ -147,21 +145,9 @@ def training_frames(index: pd.DataFrame, n: int) -> tuple[np.ndarray, list[str]]
 # ---------------------------------------------------------------------------------------------- generation
 def generate_pairs(pipe, inputs: list[PairInputs], params: Params, progress: bool = True) -> list[np.ndarray]:
     """A generated video (n_i, S, S, 3) per pair, in input order; pairs of similar length share a batch."""
-    p = params.eval
-    videos: list[Optional[np.ndarray]] = [None] * len(inputs)
-    order = sorted(range(len(inputs)), key=lambda i: inputs[i].n)
-    generator = torch.Generator().manual_seed(params.seed)
-    bar = tqdm(total=sum(x.n for x in inputs), desc="generating open-set pairs", unit="frame", disable=not progress)
-    for b in range(0, len(order), p.batch_size):
-        batch = order[b:b + p.batch_size]
-        n = max(inputs[i].n for i in batch)
-        fake = pipe.generate_batch(np.stack([inputs[i].portrait for i in batch]), [inputs[i].audio for i in batch], n,
-                                   ref_landmarks=np.stack([inputs[i].portrait_landmarks for i in batch]),
-                                   num_inference_steps=p.steps, generator=generator, progress=False)
-        for i, video in zip(batch, fake):
-            videos[i] = video[: inputs[i].n]
-        bar.update(sum(inputs[i].n for i in batch))
-    bar.close()
+    videos, _ = generate_batched(pipe, [x.portrait for x in inputs], [x.portrait_landmarks for x in inputs],
+                                 [x.audio for x in inputs], [x.n for x in inputs], params,
+                                 desc="generating open-set pairs", progress=progress)
     return videos
 
 
