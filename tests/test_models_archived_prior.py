@@ -113,3 +113,48 @@ def test_bad_shapes_are_one_line_errors(prior):
         prior(ref, arch[:, 0])
     with pytest.raises(McdmError, match="patch_size"):
         prior(ref[..., :7], arch[..., :7])
+
+
+def _trained_like_reference_tokens(dim: int = D):
+    from mcdm.base.ref_tokens import ReferenceTokens
+
+    torch.manual_seed(3)
+    tokens = ReferenceTokens(latent_channels=C, sample_size=H, patch_size=PATCH, dim=dim).eval()
+    with torch.no_grad():  # not the init values, so a wrong copy cannot pass
+        tokens.pos_embed.normal_(0, 0.3)
+        tokens.norm.weight.normal_(1, 0.2)
+        tokens.norm.bias.normal_(0, 0.2)
+    return tokens
+
+
+def test_warm_start_reproduces_the_base_reference_tokens_of_each_archived_frame(tmp_path):
+    ref_tokens = _trained_like_reference_tokens()
+    m = (H // PATCH) ** 2
+    prior = ArchivedClipPrior(latent_channels=C, prior_dim=D, patch_size=PATCH, num_queries=m)
+    prior.warm_start(ref_tokens, side=H)
+    prior.eval()
+    ref, arch = _inputs()
+    with torch.no_grad():
+        out = prior(ref, arch)
+        expected = torch.stack([ref_tokens(arch[:, i]) for i in range(A)], dim=1)
+    assert out.shape == expected.shape == (B, A, m, D)
+    # the softmax leaks (1 + 3 exp(-8))^-2 - 1 = 0.2% onto the other positions of a query's row and column
+    err = (out - expected).abs()
+    assert err.max() < 0.02 and err.mean() < 2e-3, (err.max(), err.mean())
+    assert expected.abs().mean() > 0.5  # not vacuous
+    # the keys (reference) start without content but are trainable: a step moves the output
+    assert prior.config.num_positions == m and prior.config.output_norm
+    prior.save_pretrained(tmp_path)
+    loaded = ArchivedClipPrior.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ref, arch), out, rtol=0, atol=0)
+
+
+def test_warm_start_refuses_shapes_that_cannot_match():
+    ref_tokens = _trained_like_reference_tokens()
+    prior = ArchivedClipPrior(latent_channels=C, prior_dim=D, patch_size=PATCH, num_queries=N_QUERIES)
+    with pytest.raises(McdmError, match=f"num_queries {N_QUERIES} vs 16 reference tokens"):
+        prior.warm_start(ref_tokens, side=H)
+    wide = ArchivedClipPrior(latent_channels=C, prior_dim=2 * D, patch_size=PATCH, num_queries=16)
+    with pytest.raises(McdmError, match="dim 32.*vs prior \\(dim 64"):
+        wide.warm_start(ref_tokens, side=H)

@@ -203,3 +203,32 @@ def test_landmark_residual_and_input_errors(sd_unet):
         model(**{**inputs, "timestep": torch.tensor([1, 2, 3])})
     with pytest.raises(McdmError, match="memory_state"):
         model(**inputs, memory_state={"down_blocks.9.attentions.0": torch.zeros(B, H * W, 32)})
+
+
+def test_warm_started_denoiser_reads_what_the_base_unet_was_pretrained_on(sd_unet):
+    """Stage 1's start (model.archived_prior_init: reference_tokens): every archived frame is the
+    reference at the first clip, and the denoiser then predicts what the base UNet predicts for each
+    frame given the base reference tokens of the reference (DECISIONS #1's pretraining condition)."""
+    from mcdm.base.ref_tokens import ReferenceTokens
+    from mcdm.models.variants import MCDMDenoiser
+
+    torch.manual_seed(2)
+    ref_tokens = ReferenceTokens(latent_channels=4, sample_size=H, patch_size=2, dim=D_ARCH).eval()
+    with torch.no_grad():
+        ref_tokens.pos_embed.normal_(0, 0.3)
+        ref_tokens.norm.bias.normal_(0, 0.2)
+    a, m = 3, (H // 2) ** 2
+    denoiser = MCDMDenoiser.from_unet2d(sd_unet, num_queries=m, archived_frames=a, patch_size=2).eval()
+    denoiser.warm_start_archived_prior(ref_tokens, side=H)
+    g = torch.Generator().manual_seed(5)
+    ref = torch.randn(B, 4, H, W, generator=g)
+    inputs = dict(sample=torch.randn(B, 4, F, H, W, generator=g), timestep=torch.tensor([10, 700]))
+    with torch.no_grad():
+        out = denoiser(**inputs, ref_latent=ref, archived_latents=ref[:, None].repeat(1, a, 1, 1, 1)).sample
+        expected = _per_frame_sd(sd_unet, {**inputs, "archived_tokens": ref_tokens(ref)})
+        random_prior = MCDMDenoiser.from_unet2d(sd_unet, num_queries=m, archived_frames=a, patch_size=2).eval()
+        unrelated = random_prior(**inputs, ref_latent=ref, archived_latents=ref[:, None].repeat(1, a, 1, 1, 1)).sample
+    err = (out - expected).abs().max()
+    assert err < 0.02 * expected.abs().max(), err
+    assert (unrelated - expected).abs().max() > 10 * err  # a random prior does not
+    assert denoiser.config.prior_positions == m and denoiser.config.prior_output_norm

@@ -150,7 +150,13 @@ class BaseModelsParams(Section):
 class ModelParams(Section):
     clip_frames: int = Field(8, ge=2, description="frames per present clip (16 at paper scale)")
     archived_frames: int = Field(4, ge=1, description="a: archived frames (16 at paper scale)")
-    num_queries: int = Field(4, ge=1, description="n: learnable queries of frame-aligned attention")
+    num_queries: int = Field(16, ge=1, description="n: learnable queries of frame-aligned attention (16 as in the paper; "
+                             "the reference-token warm start needs n = m)")
+    archived_prior_init: Literal["reference_tokens", "random"] = Field(
+        "reference_tokens", description="stage 1's archived-clip prior: reference_tokens = set so that its tokens equal "
+        "the base UNet's pretrained reference tokens of each archived frame (models/archived_prior.py; used when "
+        "models/base has them, i.e. the UNet was pretrained here; b1/b2 and a UNet given by path start random); "
+        "random = Eq. 1-2 from random weights")
     prior_dim: int = Field(64, ge=8, description="d: token width of the motion priors")
     patch_size: int = Field(2, ge=1, description="patchify stride; m = (latent side / patch)^2")
     prior_layers: int = Field(2, ge=1, description="L: blocks of the present-clip prior (8 at paper scale)")

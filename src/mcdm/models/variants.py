@@ -164,7 +164,8 @@ class MCDMDenoiser(ModelMixin, ConfigMixin):
     Config (besides the UNet structure, see ``MCDMUNet``): ``model_variant`` (full, wo_fa, wo_fpc,
     wo_mta, b1, b2), ``alpha`` (Eq. 5), ``prior_dim`` d, ``archived_frames`` a, ``num_queries`` n,
     ``patch_size``, ``frame_attention_heads``, ``qformer_layers`` / ``qformer_heads`` (b1),
-    ``audio_dim`` (wo_fpc's audio features), ``mta_features`` / ``mta_seed`` (FAVOR+).
+    ``audio_dim`` (wo_fpc's audio features), ``mta_features`` / ``mta_seed`` (FAVOR+),
+    ``prior_positions`` / ``prior_output_norm`` (set by ``warm_start_archived_prior``).
     """
 
     _supports_gradient_checkpointing = True
@@ -197,6 +198,8 @@ class MCDMDenoiser(ModelMixin, ConfigMixin):
         audio_dim: int = 80,
         mta_features: int = 32,
         mta_seed: int = 0,
+        prior_positions: int = 0,
+        prior_output_norm: bool = False,
     ):
         super().__init__()
         if model_variant not in VARIANTS:
@@ -226,7 +229,18 @@ class MCDMDenoiser(ModelMixin, ConfigMixin):
         else:
             self.archived_prior = ArchivedClipPrior(latent_channels, prior_dim, patch_size, num_queries,
                                                     frame_attention_heads,
-                                                    use_archived_frames=model_variant != "wo_fa")
+                                                    use_archived_frames=model_variant != "wo_fa",
+                                                    num_positions=prior_positions, output_norm=prior_output_norm)
+
+    def warm_start_archived_prior(self, ref_tokens, side: int) -> None:
+        """Start the archived-clip prior from the base model's reference tokens
+        (:meth:`ArchivedClipPrior.warm_start`): at the first clip the UNet then reads what the base UNet
+        was pretrained on. b1 and b2 have other priors and are refused."""
+        if not isinstance(self.archived_prior, ArchivedClipPrior):
+            raise McdmError(f"variant {self.config.model_variant}: its archived prior "
+                            f"({type(self.archived_prior).__name__}) has no reference-token warm start")
+        self.archived_prior.warm_start(ref_tokens, side)
+        self.register_to_config(prior_positions=self.archived_prior.config.num_positions, prior_output_norm=True)
 
     # ---------------------------------------------------------------------------------------------
     # construction from SD weights

@@ -452,6 +452,7 @@ class Stage1(DenoiserStage):
         # alpha only matters once memory is carried (stage 3 sets it): stage 1 does not read it
         denoiser = denoiser_from_base(self.params, unet2d, alpha=Params.model_fields["alpha"].default)
         self._check_latents(unet2d)
+        self.prior_init = self._init_archived_prior(denoiser)
         guider = landmark_guider_for(self.params, denoiser.config.block_out_channels[0],
                                      self.features.latent_shape[-1], self.features.resolution)
         denoiser.freeze_for_stage(1)
@@ -459,6 +460,24 @@ class Stage1(DenoiserStage):
         self.parts = {DENOISER: denoiser, LANDMARK_GUIDER: guider}
         m = self.params.model
         self.dataset = ClipRuns(self.features, m.clip_frames, m.archived_frames, clips_per_run=1)
+
+    def stage_info(self) -> dict:
+        return {"archived_prior_init": self.prior_init}
+
+    def _init_archived_prior(self, denoiser: MCDMDenoiser) -> str:
+        """``model.archived_prior_init`` (models/archived_prior.py): warm start from the base reference
+        tokens when they exist and the variant's prior can take them; returns what was done."""
+        from mcdm.base import loading
+
+        if self.params.model.archived_prior_init == "random":
+            return "random"
+        if self.params.variant in ("b1", "b2"):
+            return f"random ({self.params.variant} has its own prior)"
+        ref_tokens = loading.load_ref_tokens(self.inputs.base)
+        if ref_tokens is None:
+            return "random (the base UNet came from a path: no pretrained reference tokens)"
+        denoiser.warm_start_archived_prior(ref_tokens, side=self.features.latent_shape[-1])
+        return "reference_tokens"
 
     def _check_latents(self, unet2d) -> None:
         c, h, w = self.features.latent_shape
