@@ -48,7 +48,9 @@ def test_member_params_scale_steps_and_set_variant_seed_alpha():
     assert (mp.variant, mp.seed, mp.alpha) == ("wo_fa", 7, 0.3)  # ablation members run at ablations.alpha
     assert (mp.train.stage1.steps, mp.train.stage1.warmup_steps, mp.train.stage3.steps) == (2, 1, 1)  # >= 1 step
     assert mp.train.stage2.steps == round(Params().train.stage2.steps * 0.25)
-    assert ablate.member_params(params, "full", 0, 0.9).alpha == 0.9  # a sweep member at its own alpha
+    sweep = ablate.member_params(params, "full", 0, 0.9)
+    assert sweep.alpha == 0.9  # a sweep member at its own alpha
+    assert sweep.eval.long_term_clips == 0 and mp.eval.long_term_clips == params.eval.long_term_clips  # curves: ablation only
     assert params.variant == "full" and params.train.stage1.steps == 10  # the main line's params untouched
 
 
@@ -213,7 +215,10 @@ def test_micro_matrix_members_retrained_only_their_stages(micro_pipeline):
             assert info["steps"][f"stage{k}"] == steps
             # wo_fpc's stage 2 fits its audio tokens' statistics: no optimizer step
             assert stage["steps"] == (0 if (info["variant"], k) == ("wo_fpc", 2) else steps), (name, k)
-        assert m.get("ssim") is not None and (root / "reports" / "ablations" / name / "long_term.csv").is_file()
+        # the long-term curve is the ablation members' (Figure 5 per variant); the sweep's plot is over alpha
+        long_term = (root / "reports" / "ablations" / name / "long_term.csv").is_file()
+        assert m.get("ssim") is not None and long_term == (info["kind"] == "ablation"), name
+        assert (m.get("long_term") is not None) == (info["kind"] == "ablation"), name
 
 
 def test_micro_members_never_registered_a_model_version(micro_pipeline):

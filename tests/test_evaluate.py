@@ -163,7 +163,12 @@ def test_metrics_json_baselines_and_checks(evaluated):
     assert m["ssim_backend"].startswith("ssim-wang2004") and m["sync_c_backend"] == "syncnet_trained"
     assert 0.0 < m["ssim"] < 1.0  # untrained models: not the ground truth
     assert set(m["checks"]) == {"sync_c_beats_static_reference", "fvd_beats_static_reference",
-                                "identity_within_0.05_of_ground_truth"}
+                                "identity_within_0.05_of_ground_truth", "identity_within_0.05_of_autoencoder"}
+    # the autoencoder ceiling: ground truth through the VAE, measured like the model
+    auto = m["baselines"]["autoencoder"]
+    assert 0.0 < auto["ssim"] < 1.0 and auto["ssim_backend"] == m["ssim_backend"]
+    assert (auto["fid"] or 0.0) > 0.0 or "fid_error" in auto  # an untrained VAE may decode no face
+    assert auto["identity_gt"] == gt["identity_gt"]
     assert all(v in (True, False, None) for v in m["checks"].values())
     assert m["n_clips"] == 3 and m["frames"] == 37 and m["variant"] == "full"
 

@@ -267,8 +267,8 @@ class EvalParams(Section):
     grid_clips: int = Field(4, ge=1, description="test clips (rows) in the frame grid")
     grid_times: int = Field(4, ge=1, description="times per clip in the frame grid (ground truth and generated side by side)")
     # long-term curve (Figure 5) on the long_term-flagged test clips
-    long_term_clips: int = Field(1, ge=1, description="long-term test clips generated (the curve is their mean)")
-    long_term_every: int = Field(5, ge=1, description="long-term curve: one row per this many frames (SSIM averaged over them, identity on the first)")
+    long_term_clips: int = Field(1, ge=0, description="long-term test clips generated (the curve is their mean); 0: no long-term curve (the alpha sweep's members)")
+    long_term_every: int = Field(8, ge=1, description="long-term curve: one row per this many frames (SSIM averaged over them, identity on the first)")
 
 
 class OpenSetParams(Section):
@@ -304,8 +304,9 @@ class AblationParams(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="Eq. 5 alpha of the ablation members (Tables 4-5: the paper's 0.1); "
                          "the main line reads `alpha`, the sweep `sweep.alphas`")
     steps_fraction: float = Field(
-        0.2, gt=0, le=1, description="fraction of train.stageN.steps (and warm-up) a member trains in each stage it "
-        "retrains (at least 1 step); `full` members too, so a `full` member is NOT the main line")
+        0.1, gt=0, le=1, description="fraction of train.stageN.steps (and warm-up) a member trains in each stage it "
+        "retrains (at least 1 step); `full` members too, so a `full` member is NOT the main line (0.1 at the embedded "
+        "default so that 17 members fit the 40-minute `make run`; stage 1 starts from the reference-token warm start)")
     eval: dict[str, Any] = Field(
         default_factory=lambda: {"max_test_clips": 2, "long_term_seconds": 4.0},
         description="`eval` keys a member evaluates with instead of the main line's (fewer, shorter test clips: "

@@ -26,7 +26,8 @@ carry the tags ``variant``, ``seed``, ``alpha`` and ``ablation_member``.
 Outputs: ``<out>/stage<k>/`` for each retrained stage (the same folders ``mcdm train`` exports),
 ``<reports>/metrics.json`` (``evaluate``'s metrics plus ``member``: kind, variant, seed, alpha, the
 stages retrained and taken, their steps, losses and times), ``eval_clips.csv``, ``eval_grid.png``,
-``long_term.csv`` / ``.png``, and the sample mp4s in ``<samples>``.
+``long_term.csv`` / ``.png`` (ablation members only: the sweep plots metrics over alpha), and the sample
+mp4s in ``<samples>``.
 """
 from __future__ import annotations
 
@@ -74,15 +75,18 @@ def scaled_steps(steps: int, fraction: float) -> int:
 def member_params(params: Params, variant: str, seed: int, alpha: Optional[float]) -> Params:
     """The main line's params with the member's variant, seed and alpha (``ablations.alpha`` for an
     ablation member), every stage's steps and warm-up scaled by ``ablations.steps_fraction``, and the
-    ``ablations.eval`` keys over ``eval``."""
+    ``ablations.eval`` keys over ``eval``; a sweep member skips the long-term curve (``long_term_clips`` 0)."""
     fraction = params.ablations.steps_fraction
     train = {}
     for k in STAGES:
         sp = getattr(params.train, f"stage{k}")
         train[f"stage{k}"] = {"steps": scaled_steps(sp.steps, fraction),
                               "warmup_steps": int(round(sp.warmup_steps * fraction))}
+    member_eval = dict(params.ablations.eval)
+    if member_kind(alpha) == SWEEP:  # Figure 7 plots metrics over alpha; the long-term curves are the variants'
+        member_eval["long_term_clips"] = 0
     overlay = {"variant": variant, "seed": seed, "alpha": params.ablations.alpha if alpha is None else alpha,
-               "train": train, "eval": dict(params.ablations.eval)}
+               "train": train, "eval": member_eval}
     return validate(deep_merge(params.model_dump(mode="json"), overlay), "ablation member")
 
 
@@ -157,7 +161,7 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
         write_json(metrics, reports / "metrics.json")
         if tracking:
             artifacts = [reports / f for f in ("metrics.json", "eval_clips.csv", "eval_grid.png", "long_term.csv",
-                                                "long_term.png")] + [samples]
+                                                "long_term.png") if (reports / f).is_file()] + [samples]
             done = track_evaluation(mp, metrics, out, artifacts)
             print(f"{name}: mlflow run {done.get('run_id')}; {done.get('promotion', '')}")
     return metrics
