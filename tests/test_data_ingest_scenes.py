@@ -200,6 +200,14 @@ def test_map_videos_dask_matches_serial_and_isolates_failures():
     assert dask[3].reason == "ValueError: math domain error"
 
 
+def test_stage_workers_keeps_multithreaded_stages_in_process_unless_a_scheduler_is_given():
+    from mcdm.data.parallel import stage_workers
+
+    assert stage_workers(2, None, multithreaded=False) == 2  # scenes, faces: processes
+    assert stage_workers(2, None, multithreaded=True) == 1  # quality, sync_filter, features: torch / cv2 threads
+    assert stage_workers(4, "tcp://10.0.0.2:8786", multithreaded=True) == 4  # a cluster: always distributed
+
+
 def test_cut_matching_is_one_to_one_within_tolerance():
     from mcdm.data.scoring import match_events
 

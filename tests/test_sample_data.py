@@ -60,10 +60,11 @@ def laplacian_var(img: np.ndarray) -> float:
 
 
 def test_default_plan_is_mostly_clean_and_covers_identities_and_languages():
-    specs = plan_videos(Params().sample)
+    sample = Params().sample
+    specs = plan_videos(sample)
     kinds = [s.kind for s in specs]
-    assert len(specs) == 40 + 2 and kinds.count("long_term") == 2
-    assert kinds.count("clean") / 40 >= 0.6
+    assert len(specs) == sample.n_videos + 2 and kinds.count("long_term") == 2
+    assert kinds.count("clean") / sample.n_videos >= 0.6
     assert all(kinds.count(k) >= 1 for k in DEFECT_KINDS)
     clean = [s for s in specs if s.kind == "clean"]
     assert {s.identities[0] for s in clean} == {s.identities[0] for s in specs}

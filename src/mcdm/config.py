@@ -37,7 +37,9 @@ class DataParams(Section):
     scrfd_path: Optional[str] = Field(None, description="local SCRFD ONNX file when face_detector: scrfd")
     face_sample_every: int = Field(5, ge=1, description="run the detector on every k-th frame")
     min_face_frame_rate: float = Field(0.9, ge=0, le=1, description="fraction of a kept face run's sampled frames that must hold exactly one face")
-    workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes (1: run in-process)")
+    workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes (1: run in-process) of the stages whose "
+                         "per-video work is single-threaded (sample_data, scenes, faces); quality, sync_filter and features "
+                         "run in-process unless dask_address is set (mcdm.data.parallel.stage_workers)")
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler instead of a LocalCluster")
     silence_dbfs: float = Field(-50.0, le=0, description="audio whose 90th-percentile 0.25 s RMS is below this (dBFS) is silent: rejected")
     cut_margin_frames: int = Field(2, ge=0, description="frames dropped on each side of a detected scene cut")
@@ -53,13 +55,13 @@ class DataParams(Section):
 class SampleParams(Section):
     """talkingface-wild-mini, the embedded sample dataset (``mcdm sample-data``)."""
 
-    n_videos: int = Field(40, ge=1, description="regular videos (about 35% carry a planted defect, at least one of each kind)")
+    n_videos: int = Field(36, ge=1, description="regular videos (14 carry a planted defect, at least one of each kind; the rest are clean)")
     seconds_min: float = Field(6.0, gt=0, description="shortest regular video, seconds (before time_scale)")
     seconds_max: float = Field(12.0, gt=0, description="longest regular video, seconds (before time_scale)")
     time_scale: float = Field(1.0, gt=0, description="multiplies every duration (`mcdm sample-data --seconds`)")
     too_long_seconds: float = Field(34.0, gt=0, description="length of the planted too-long videos (never below 31 s)")
     n_long: int = Field(2, ge=0, description="long clean videos for the long-term curve (exempt from trimming)")
-    long_seconds: float = Field(60.0, gt=0, description="length of the long videos, seconds (before time_scale)")
+    long_seconds: float = Field(20.0, gt=0, description="length of the long videos, seconds (before time_scale); the long-term curve uses eval.long_term_seconds of them (12 s at the embedded default, so 60 s videos spent 80 s of every data stage on frames never generated)")
     n_identities: int = Field(10, ge=2, le=10, description="identities used (2 real photos + derived faces)")
     size: int = Field(256, ge=128, description="frame side of the generated raw videos (two-face videos are twice as wide)")
     fps: float = Field(25.0, gt=0, description="frame rate of the generated videos")
@@ -89,7 +91,7 @@ class SyncNetParams(Section):
     channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 128],
                                 description="conv widths of the audio and video streams (each stage halves the map)")
     embed_dim: int = Field(128, ge=8, description="width of the L2-normalised embedding")
-    train_steps: int = Field(400, ge=1)
+    train_steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=2, description="in-sync pairs per step (as many shifted pairs are added)")
     lr: float = Field(1e-3, gt=0)
     margin: float = Field(1.0, gt=0, description="contrastive-loss margin on the embedding distance")
@@ -134,7 +136,7 @@ class BaseModelsParams(Section):
     heldout_fraction: float = Field(0.1, gt=0, lt=1, description="training clips held out to measure the VAE / UNet")
     max_frames: int = Field(4000, ge=16, description="most training frames read for pretraining (evenly spaced per clip)")
     # the tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser when unet_path is not given
-    unet_steps: int = Field(800, ge=1, description="UNet pretraining steps")
+    unet_steps: int = Field(600, ge=1, description="UNet pretraining steps")
     unet_lr: float = Field(1e-3, gt=0, description="learning rate of the UNet pretraining")
     prediction_type: Literal["epsilon", "v_prediction"] = Field(
         "v_prediction", description="what the pretrained tiny UNet predicts (SD-1.5: epsilon, SD-2: v); written to "
@@ -210,7 +212,7 @@ class StageParams(Section):
 class Stage1Params(StageParams):
     """archived-clip prior, archived reference attention, spatial layers, landmark guider"""
 
-    steps: int = Field(160, ge=1)
+    steps: int = Field(100, ge=1, description="100 at the embedded default: from the reference-token warm start, its loss fell 0.220 -> 0.205 over 160 steps")
     lr: float = Field(2e-4, gt=0)
 
 
@@ -225,7 +227,7 @@ class Stage2Params(StageParams):
 class Stage3Params(StageParams):
     """present-clip reference attention + MTA, on runs of ``clips_per_run`` clips"""
 
-    steps: int = Field(150, ge=1)
+    steps: int = Field(110, ge=1)
     lr: float = Field(1e-3, gt=0)
     clips_per_run: int = Field(2, ge=1, description="consecutive clips with the memory carried (DECISIONS #6)")
 
@@ -236,8 +238,9 @@ class TrainParams(Section):
     keep_checkpoints: int = Field(2, ge=1, description="newest complete checkpoints kept per stage")
     deterministic: bool = Field(True, description="deterministic algorithms + fixed seeds (bitwise resume on CPU)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
-    threads: int = Field(1, ge=1, description="torch intra-op CPU threads per training process (the small "
-                         "embedded models gain little from more, and on a busy machine 2 threads ran 3-20x slower)")
+    threads: int = Field(2, ge=1, description="torch intra-op CPU threads per training process (idle 2 cores, "
+                         "embedded default: 2 threads took stage 1 from 99 to 90 s and stage 3 from 120 to 112 s; OpenMP waits "
+                         "passively (src/mcdm/__init__.py), so a busy machine no longer makes them spin)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on a GPU that has it, fp32 on CPU")
     ema: bool = Field(False, description="export an exponential moving average of the trained weights (diffusers EMAModel)")
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA decay (with diffusers' warm-up: min(decay, (1 + n) / (10 + n)))")
@@ -248,7 +251,7 @@ class TrainParams(Section):
 
 class EvalParams(Section):
     steps: int = Field(10, ge=1, description="DDIM steps at generation")
-    long_term_seconds: float = Field(12.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
+    long_term_seconds: float = Field(8.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
     max_test_clips: int = Field(8, ge=1, description="test clips generated and measured")
     inception_path: Optional[str] = Field(None, description="StyleGAN-family TorchScript Inception (inception-2015-12-05.pt) for FID; else the dlib-descriptor-128 fallback")
     i3d_path: Optional[str] = Field(None, description="StyleGAN-V TorchScript I3D (i3d_torchscript.pt) for FVD; else the dlib landmark-dynamics fallback")

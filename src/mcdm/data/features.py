@@ -21,8 +21,9 @@ Feature computations come from :mod:`mcdm.models.encoders` (one implementation f
 inference); the VAE and the audio / identity backends from ``models/base`` through
 :mod:`mcdm.base.loading`. Beside the files: ``index.parquet`` (the split tables' columns plus
 ``split, path, n_frames``), ``meta.json`` (backends, dims, fps), ``rejects.csv`` and ``summary.json``.
-Clips are mapped with :func:`mcdm.data.parallel.map_videos` (Dask, DECISIONS #9); each worker
-process loads the models once.
+Clips are mapped with :func:`mcdm.data.parallel.map_videos` (DECISIONS #9): in this process on
+``base_models.threads`` torch threads, or on the Dask scheduler of ``data.dask_address`` when one is
+given (each worker process loads the models once).
 """
 from __future__ import annotations
 
@@ -195,7 +196,7 @@ def features(split_dir: str | os.PathLike, models_dir: str | os.PathLike, out_di
     import torch
 
     from mcdm.base import loading
-    from mcdm.data.parallel import Crashed, map_videos
+    from mcdm.data.parallel import Crashed, map_videos, stage_workers
     from mcdm.data.rejects import finish_stage, reject_row, write_json
 
     started = time.perf_counter()
@@ -204,7 +205,10 @@ def features(split_dir: str | os.PathLike, models_dir: str | os.PathLike, out_di
     vae = loading.load_vae(models_dir)  # fail here, once, when the base models are unusable
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers, address = params.data.workers, params.data.dask_address
+    # the work is torch (the VAE encoder on base_models.threads intra-op threads): in-process unless a
+    # Dask scheduler is given (stage_workers)
+    address = params.data.dask_address
+    workers = stage_workers(params.data.workers, address, multithreaded=True)
     in_process = workers <= 1 and not address
     job = FeatureJob(models_dir=str(models_dir), out_dir=str(out_dir), fps=params.data.fps,
                      audio_rate=params.data.audio_rate, resolution=params.data.resolution,

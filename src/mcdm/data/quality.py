@@ -36,7 +36,7 @@ import pandas as pd
 
 from mcdm.config import Params
 from mcdm.data.io import MediaError, iter_frames
-from mcdm.data.parallel import Crashed, map_videos
+from mcdm.data.parallel import Crashed, map_videos, stage_workers
 from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, write_parquet
 from mcdm.errors import McdmError
 
@@ -176,7 +176,7 @@ def quality(faces_path: str | os.PathLike, out_dir: str | os.PathLike, params: P
             workers: int | None = None) -> tuple[pd.DataFrame, StageSummary]:
     """Measure and filter every face clip; write ``kept.parquet``, ``scores.parquet`` + rejects."""
     started = time.perf_counter()
-    workers = workers or params.data.workers
+    workers = workers or stage_workers(params.data.workers, params.data.dask_address, multithreaded=True)
     backend = params.quality.backend
     if backend == "hyperiqa":
         HyperIqa(params.quality.hyperiqa_path)  # a missing file stops here with one line

@@ -24,7 +24,7 @@ import pandas as pd
 
 from mcdm.config import Params
 from mcdm.data.io import MediaError
-from mcdm.data.parallel import Crashed, map_videos
+from mcdm.data.parallel import Crashed, map_videos, stage_workers
 from mcdm.data.rejects import StageSummary, finish_stage, reject_row, write_csv
 from mcdm.sync.evaluate import backend_name, sync_scores
 from mcdm.sync.syncnet import OfficialSyncNet, load_syncnet
@@ -70,7 +70,7 @@ def sync_filter(clips: pd.DataFrame, model_path: str | os.PathLike, params: Para
     sp = params.syncnet
     model = load_syncnet(model_path)  # fail early, in this process, on a missing or bad model
     conf_cut = min_confidence(params, model)
-    workers = params.data.workers
+    workers = stage_workers(params.data.workers, params.data.dask_address, multithreaded=True)
     rows = clips.to_dict("records")
     fn = partial(score_clip, model_path=str(model_path), max_offset=sp.max_offset,
                  threads=1 if (workers > 1 or params.data.dask_address) else 0)
