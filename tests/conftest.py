@@ -69,3 +69,23 @@ def micro_pipeline(tmp_path_factory) -> Path:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-40:])
         pytest.fail(f"micro `dvc repro` failed (exit {done.returncode}):\n{tail}")
     return root
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """ONE Prefect server per test session on a free loopback port (mcdm.services, as `make prefect-up`
+    starts it), its database out of the repo; the flows and work-pool tests share it. Yields
+    ``(api, home, run_dir, port)``; stopped by its pid at the end."""
+    from mcdm.services import start, stop
+
+    home = tmp_path_factory.mktemp("prefect")
+    run_dir = home / "run"
+    port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))  # read by mcdm.services when it starts the server
+        start("prefect-server", port, run_dir, ROOT, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{port}/api", home, run_dir, port
+    finally:
+        stop("prefect-server", run_dir)
+

@@ -24,19 +24,10 @@ DEPLOYED = {"train-all/mcdm-test-pool", "data-prep/mcdm-test-pool", "evaluate/mc
 
 
 @pytest.fixture(scope="module")
-def prefect_env(tmp_path_factory):
-    """A Prefect server (mcdm.services, as `make prefect-up` starts it) and the env that points at it."""
-    from mcdm.services import start, stop
-
-    home = tmp_path_factory.mktemp("prefect-pool")
-    port = free_port()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))  # the server's database: out of the repo
-        start("prefect-server", port, home / "run", ROOT, timeout=180)
-        try:
-            yield tool_env(PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PREFECT_HOME=str(home))
-        finally:
-            stop("prefect-server", home / "run")
+def prefect_env(prefect_server):
+    """The session's Prefect server (mcdm.services, as `make prefect-up` starts it) and the env that points at it."""
+    api, home, _, _ = prefect_server
+    return tool_env(PREFECT_API_URL=api, PREFECT_HOME=str(home))
 
 
 @contextlib.contextmanager

@@ -16,30 +16,18 @@ sys.path.insert(0, str(ROOT / "flows"))
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """`make prefect-up`'s path: mcdm.services starts the server and the serve process by pid."""
+def prefect_api(prefect_server):
+    """`make prefect-up`'s path: the session's server (mcdm.services) and a serve process started by pid."""
     from mcdm.services import start, stop
 
-    home = tmp_path_factory.mktemp("prefect")
-    run_dir = home / "run"
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    import os
-
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
-    os.environ["PREFECT_HOME"] = str(home)  # keep the test's server DB out of the repo
-    try:
-        start("prefect-server", port, run_dir, ROOT, timeout=180)
+    api, home, run_dir, port = prefect_server
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))  # keep the test's server DB out of the repo
         start("prefect-serve", port, run_dir, ROOT, timeout=180)
-        yield api, home
-    finally:
-        stop("prefect-serve", run_dir)
-        stop("prefect-server", run_dir)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        try:
+            yield api, home
+        finally:
+            stop("prefect-serve", run_dir)
 
 
 def _deployment_run(api: str, home: Path, name: str, params: dict) -> subprocess.CompletedProcess:
