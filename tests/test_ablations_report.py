@@ -178,7 +178,7 @@ def test_report_lists_missing_inputs_and_invents_nothing(hand_made):
     for missing in ("variant=b1 seed=0", "variant=b1 seed=1", "variant=b2 seed=0", "variant=b2 seed=1"):
         assert f"missing ablation member {missing}" in text
     assert "stale-s9" in text and "ignored" in text  # a folder outside the matrix is not averaged in
-    assert "| FID (↓) | 9 | `backend-fid` | 50 | n/a | 42.08 |" in text  # the main line beside Table 3
+    assert "| FID (↓) | 9 | `backend-fid` | 50 | n/a | n/a | 42.08 |" in text  # static, autoencoder, ground truth, paper
     assert "params hash `hash-full-s0`" in text
     assert "ours 0.6 at alpha 0.1 -> 0.3 at alpha 0.9, falls at every step" in text
     wo_mta_ssim = np.mean([0.5 - 0.13, 0.5 - 0.14])
