@@ -368,9 +368,10 @@ def main_line_section(main: Optional[dict], data: Optional[dict]) -> list[str]:
                  fmt(auto.get("identity")), fmt(main.get("identity_gt")), "n/a (not in the paper)"])
     lines.append(md_table(["metric", "ours (main line)", "backend", "static reference", "autoencoder ceiling",
                            "ground truth", "paper"], rows))
-    lines += ["", "Autoencoder ceiling: the ground truth encoded and decoded by the frozen VAE. Every generated "
-              "frame is a VAE decode, so no denoiser on these latents can do better than this column; where the "
-              "ceiling is far from ground truth (identity, SSIM), the VAE, not the diffusion model, is the limit."]
+    lines += ["", "Autoencoder ceiling: the ground truth encoded and decoded by the frozen VAE, i.e. what a "
+              "denoiser that reproduced the ground truth's latents exactly would score (every generated frame is a "
+              "VAE decode). Where the model is at this column (within sampling noise) and the column is far from "
+              "ground truth, the VAE, not the diffusion model, is the limit."]
     errors = [str(main[m.key + "_error"]) for m in (*METRICS, IDENTITY) if main.get(m.key + "_error")]
     lines += ["", f"Produced by params hash `{main.get('params_hash')}` (variant {main.get('variant')}, alpha "
               f"{fmt(main.get('alpha'))}, {fmt(main.get('steps'))} DDIM steps, {fmt(main.get('n_clips'))} test clips, "
