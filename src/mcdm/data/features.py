@@ -209,7 +209,7 @@ def features(split_dir: str | os.PathLike, models_dir: str | os.PathLike, out_di
     # Dask scheduler is given (stage_workers)
     address = params.data.dask_address
     workers = stage_workers(params.data.workers, address, multithreaded=True)
-    in_process = workers <= 1 and not address
+    in_process = not address  # stage_workers gave 1 worker
     job = FeatureJob(models_dir=str(models_dir), out_dir=str(out_dir), fps=params.data.fps,
                      audio_rate=params.data.audio_rate, resolution=params.data.resolution,
                      threads=params.base_models.threads if in_process else 1,

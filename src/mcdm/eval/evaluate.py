@@ -9,9 +9,9 @@
    as null with its reason instead of stopping the stage. In the same run, with the same backends,
    the trivial baselines: ``static_reference`` (the reference frame repeated: identity 0 by
    construction, a bound, DECISIONS #20), ``ground_truth`` (ground truth vs itself: SSIM 1) and
-   ``autoencoder`` (ground truth through the frozen VAE and back: every generated frame is a VAE
-   decode, so this is the ceiling of what any denoiser on these latents can reach; on the embedded
-   default's 64 px tiny VAE it is what keeps identity far from ground truth's).
+   ``autoencoder`` (ground truth through the frozen VAE and back: what a denoiser that reproduced the
+   ground truth's latents exactly would score, since every generated frame is a VAE decode; on the
+   embedded default's 64 px tiny VAE it is what keeps identity far from ground truth's).
    ``checks`` states, true or false, whether the model beats the static reference on Sync-C and FVD
    and whether its identity distance is within 0.05 of ground truth's (DECISIONS #20) and of the
    autoencoder's. Ablation and sweep members
