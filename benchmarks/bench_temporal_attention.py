@@ -19,8 +19,6 @@ into the existing file, atomic rename). Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import time
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from tqdm import tqdm
 
+from mcdm.benchmark_results import merge_section
 from mcdm.errors import McdmError
 from mcdm.models.temporal_attention import (
     FullHistorySoftmaxAttnProcessor,
@@ -109,25 +108,6 @@ def bench_streaming(device: torch.device, tokens: int, channels: int, heads: int
     return rows
 
 
-def write_merged(path: Path, device_key: str, figures: dict) -> None:
-    """Merge ``figures`` into ``path`` under ``temporal_attention.<device_key>``; write-then-rename."""
-    data = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text() or "{}")
-        except json.JSONDecodeError as err:
-            raise McdmError(f"{path}: not valid JSON ({err.msg}); fix or remove it") from None
-    section = data.get("temporal_attention")
-    if not isinstance(section, dict) or "sequence" in section:  # legacy flat layout: replace
-        section = {}
-    section[device_key] = figures
-    data["temporal_attention"] = section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -152,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         streaming=bench_streaming(device, settings["stream_tokens"], settings["stream_channels"], settings["heads"],
                                   settings["clip_frames"], args.features, args.repeats),
     )
-    write_merged(Path(args.out), device.type, figures)
+    merge_section(Path(args.out), "temporal_attention", device.type, figures,
+                  stale=lambda section: "sequence" in section)  # legacy flat layout: replaced
     for row in figures["sequence"]:
         print(f"L={row['length']:5d}  softmax {row['softmax_ms']:9.2f} ms  sdpa {row['sdpa_ms']:9.2f} ms  "
               f"favor {row['favor_ms']:8.2f} ms")

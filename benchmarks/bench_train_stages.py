@@ -20,6 +20,7 @@ import os
 import platform
 from pathlib import Path
 
+from mcdm.benchmark_results import merge_section
 from mcdm.errors import McdmError
 
 FIELDS = ("samples_per_s", "clips_per_s", "batch_size", "steps", "steps_run", "train_wall_s", "wall_s",
@@ -43,29 +44,13 @@ def collect(reports: Path) -> tuple[str, dict]:
     return device, figures
 
 
-def write_merged(path: Path, device_key: str, figures: dict) -> None:
-    data = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text() or "{}")
-        except json.JSONDecodeError as err:
-            raise McdmError(f"{path}: not valid JSON ({err.msg}); fix or remove it") from None
-    section = data.get("train_stages") if isinstance(data.get("train_stages"), dict) else {}
-    section[device_key] = figures
-    data["train_stages"] = section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reports", type=Path, default=Path("reports"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.json"))
     args = parser.parse_args(argv)
     device, figures = collect(args.reports)
-    write_merged(args.out, device, figures)
+    merge_section(args.out, "train_stages", device, figures)
     for stage in ("stage1", "stage2", "stage3"):
         f = figures[stage]
         print(f"{stage}: {f['samples_per_s']:.2f} samples/s in steps, {f['samples_per_s_end_to_end'] or 0:.2f} end to end "

@@ -7,25 +7,20 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from safetensors.torch import save_file
 
 from mcdm.config import Params
 from mcdm.errors import McdmError
-from mcdm.models.encoders import (
-    CANONICAL_68, ExpressionEncoder, HeadPoseEncoder, LipAudioEncoder, LipEncoder, MotionEncoders,
-    expression_offsets, head_pose_from_landmarks,
-)
 from mcdm.models.variants import MCDMDenoiser
 from mcdm.train.datasets import ClipRuns, archived_indices, load_feature_set
 from mcdm.train.stages import (
-    DENOISER, LANDMARK_GUIDER, MOTION_PRIOR, StageInputs, build_task, denoiser_for_stage3, run_stage,
+    DENOISER, LANDMARK_GUIDER, MOTION_PRIOR, build_task, denoiser_for_stage3, run_stage,
 )
+from mcdm.train.synthetic import inputs_for, write_project
 from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
 
 RES, LATENT, AUDIO_DIM, REF_DIM = 32, 4, 80, 144
@@ -57,84 +52,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# --------------------------------------------------------------------------------------------------
-# A synthetic project: features in the features stage's contract, base models, motion encoders
-
-
-def write_features(folder, n_videos: int = 4, n_frames: int = 24, seed: int = 0, res: int = RES, latent: int = LATENT):
-    """Feature files whose latents, audio, landmarks and mouth crops all follow one mouth-opening
-    signal per frame (so every condition carries information about the frames)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    audio_w = rng.standard_normal(AUDIO_DIM)
-    latent_w = rng.standard_normal((4, latent, latent))
-    rows = []
-    for i in range(n_videos):
-        opening = 0.5 + 0.5 * np.sin(np.arange(n_frames) * rng.uniform(0.3, 0.9) + rng.uniform(0, 6))
-        identity = rng.standard_normal((4, latent, latent))
-        latents = identity[None] + opening[:, None, None, None] * latent_w[None]
-        lm = np.repeat(CANONICAL_68[None], n_frames, 0).copy()
-        lm[:, [56, 57, 58, 65, 66, 67], 1] += 0.3 * opening[:, None]
-        lm = (lm * res / 4 + res / 2).astype(np.float32)
-        mouths = np.full((n_frames, 32, 48), 160, np.uint8)
-        mouths[:, 12:20, 10:38] = (30 + 100 * opening[:, None, None]).astype(np.uint8)
-        tensors = {
-            "frames": torch.from_numpy(rng.integers(0, 255, (n_frames, 3, res, res), dtype=np.uint8)),
-            "latents": torch.from_numpy(latents.astype(np.float32)),
-            "audio": torch.from_numpy((np.outer(opening, audio_w) + 0.1 * rng.standard_normal((n_frames, AUDIO_DIM))).astype(np.float32)),
-            "waveform": torch.zeros(n_frames * 640),
-            "ref_embedding": torch.from_numpy(rng.standard_normal(REF_DIM).astype(np.float32)),
-            "landmarks": torch.from_numpy(lm),
-            "detected": torch.ones(n_frames, dtype=torch.uint8),
-            "head_pose": torch.from_numpy(head_pose_from_landmarks(lm, res).astype(np.float32)),
-            "expression": torch.from_numpy(expression_offsets(lm)),
-            "mouth_crops": torch.from_numpy(mouths),
-        }
-        save_file(tensors, str(folder / f"clip{i}.safetensors"))
-        rows.append({"clip_id": f"clip{i}", "split": "train" if i < n_videos - 1 else "test",
-                     "n_frames": n_frames, "path": str(folder / f"clip{i}.safetensors")})
-    pd.DataFrame(rows).to_parquet(folder / "index.parquet")
-    meta = {"fps": 25.0, "resolution": res, "latents": {"shape": [4, latent, latent], "scaling_factor": 1.0},
-            "audio": {"backend": "logmel", "dim": AUDIO_DIM}, "image": {"backend": "dlib+vae", "dim": REF_DIM}}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder
-
-
-def write_base(folder, params: Params, res: int = RES, latent: int = LATENT):
-    """Random (untrained) tiny VAE and SD-shaped UNet in the base_models layout: plumbing only."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from mcdm.base.unet_pretrain import make_scheduler, tiny_unet_config
-    from mcdm.base.vae import tiny_vae_config
-
-    torch.manual_seed(0)
-    bm = params.base_models.model_copy(update={"vae_block_out_channels": [8, 8, 8, 8], "vae_norm_num_groups": 8})
-    AutoencoderKL(**tiny_vae_config(bm, res)).save_pretrained(folder / "vae")
-    UNet2DConditionModel(**tiny_unet_config(params.model, latent, 4)).save_pretrained(folder / "unet")
-    make_scheduler().save_pretrained(folder / "scheduler")
-    (folder / "encoders.json").write_text(json.dumps({"audio": {"backend": "logmel", "dim": AUDIO_DIM},
-                                                      "image": {"backend": "dlib+vae", "dim": REF_DIM}}))
-    return folder
-
-
-def write_motion_encoders(folder, params: Params):
-    m = params.model
-    torch.manual_seed(0)
-    MotionEncoders(head=HeadPoseEncoder(), lip=LipEncoder(window=m.lip_window, lip_dim=m.lip_dim),
-                   lip_audio=LipAudioEncoder(audio_dim=AUDIO_DIM, window=m.lip_window, lip_dim=m.lip_dim),
-                   expression=ExpressionEncoder(expression_dim=m.expression_dim)).save(folder)
-    (folder / "metrics.json").write_text("{}")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("mcdm_train")
     params = tiny_params()
-    write_features(root / "data" / "features")
-    write_base(root / "models" / "base", params)
-    write_motion_encoders(root / "models" / "motion_encoders", params)
-    return root
+    return write_project(root, params, res=RES, latent=LATENT, audio_dim=AUDIO_DIM, ref_dim=REF_DIM)
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +83,6 @@ def stage1_untrained(project):
         module.save_pretrained(folder / name)
     (folder / "stage.json").write_text(json.dumps({"stage": 1, "variant": "full"}))
     return folder
-
-
-def inputs_for(project, stage: int) -> StageInputs:
-    prev = tuple(project / "models" / f"stage{k}" for k in range(1, stage))
-    return StageInputs(features=project / "data" / "features", base=project / "models" / "base",
-                       motion_encoders=project / "models" / "motion_encoders", prev=prev)
 
 
 # --------------------------------------------------------------------------------------------------
