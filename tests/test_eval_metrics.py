@@ -134,6 +134,26 @@ def test_fvd_fallback_zero_for_identical_sets_and_large_for_shuffled_frames(face
     assert jumbled > 5 * smooth > 0
 
 
+def test_prefetch_in_dask_workers_gives_the_in_process_analysis(heads):
+    """Faces analysed in 2 LocalCluster processes (evaluate's prefetch) equal the lazy in-process
+    analysis bit for bit; descriptors only where asked, and nothing is redone."""
+    from mcdm.eval.evaluate import descriptor_frames
+
+    video = heads[0][0][:12]
+    want = descriptor_frames(len(video), stride=2, clip_frames=8, descriptor_every=4)
+    assert want.tolist() == [True, False] * 6
+    lazy = DlibFrameFeatures()
+    pooled = DlibFrameFeatures()
+    assert pooled.prefetch(video, want, workers=2, min_frames=13) == 0  # below the threshold: nothing
+    assert pooled.prefetch(video, want, workers=2) == 12
+    assert all(pooled._cache[pooled._key(f)].descriptor is not None for f in video[want])
+    assert all(pooled._cache[pooled._key(f)].descriptor is None for f in video[~want])
+    np.testing.assert_array_equal(pooled.landmarks(video), lazy.landmarks(video))
+    np.testing.assert_array_equal(pooled.descriptors(video[want]), lazy.descriptors(video[want]))
+    assert pooled.prefetch(video, want, workers=2) == 0  # all done already
+    assert pooled.prefetch(video, None, workers=2) == 6  # now the other frames' descriptors
+
+
 def test_ground_truth_vs_itself_and_static_reference(faces, heads):
     real = heads[0]
     suite = M.MetricSuite(EvalParams(frame_stride=4), faces=faces)

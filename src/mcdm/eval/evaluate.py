@@ -144,6 +144,34 @@ def _nanmean(x) -> Optional[float]:
     return float(x.mean()) if len(x) else None
 
 
+def descriptor_frames(n: int, stride: int, clip_frames: int, descriptor_every: int) -> np.ndarray:
+    """Which of a video's ``n`` frames the metrics take a face descriptor of: every ``stride``-th
+    (FID, identity) and every ``descriptor_every``-th of each FVD clip (fallback backend)."""
+    want = np.zeros(n, bool)
+    want[::stride] = True
+    for start in range(0, n - clip_frames + 1, clip_frames):
+        want[start:start + clip_frames:descriptor_every] = True
+    return want
+
+
+def prefetch_faces(suite: M.MetricSuite, video_sets: list[list[np.ndarray]], params: Params) -> int:
+    """Analyse every frame of ``video_sets`` that the metrics will (landmarks on all, descriptors per
+    :func:`descriptor_frames`) in ``data.workers`` processes before the metrics run, when there are
+    at least ``eval.parallel_faces_min_frames`` of them. Returns the number of frames analysed."""
+    from mcdm.data.parallel import stage_workers
+
+    p = params.eval
+    videos = [v for videos in video_sets for v in videos]
+    if not videos:
+        return 0
+    frames = np.concatenate(videos)
+    want = np.concatenate([descriptor_frames(len(v), p.frame_stride, p.fvd_clip_frames,
+                                             p.fvd_fallback_descriptor_every) for v in videos])
+    workers = stage_workers(params.data.workers, params.data.dask_address, multithreaded=False)
+    return suite.faces.prefetch(frames, want, workers=workers, address=params.data.dask_address,
+                                min_frames=p.parallel_faces_min_frames)
+
+
 def video_metrics(suite: M.MetricSuite, real: list, fake: list, refs: np.ndarray, audios: list) -> tuple[dict, list[dict]]:
     """``MetricSuite.evaluate``'s metrics, each guarded, plus a per-clip breakdown.
 
@@ -474,16 +502,20 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     refs = np.stack([it["real"][0] for it in items])
     audios = [it["audio"] for it in items]
     # 2. metrics of the model and of the trivial baselines, same backends, same run
+    reconstructed = None
+    if baselines:
+        from mcdm.base.vae import reconstruct
+
+        reconstructed = [reconstruct(pipe.vae, v) for v in real]
+    prefetch_faces(suite, [real, fake] + ([reconstructed] if baselines else []), params)
     full, per_clip = video_metrics(suite, real, fake, refs, audios)
     static = ground = autoencoder = None
     static_clip = ground_clip = [{}] * len(items)
     if baselines:
-        from mcdm.base.vae import reconstruct
-
         static_videos = [np.repeat(r[None], len(v), axis=0) for r, v in zip(refs, real)]
         static, static_clip = video_metrics(suite, real, static_videos, refs, audios)
         ground, ground_clip = video_metrics(suite, real, [v.copy() for v in real], refs, audios)
-        autoencoder, _ = video_metrics(suite, real, [reconstruct(pipe.vae, v) for v in real], refs, audios)
+        autoencoder, _ = video_metrics(suite, real, reconstructed, refs, audios)
     rows = []
     for it, own, st, gt in zip(items, per_clip, static_clip, ground_clip):
         rows.append({"clip_id": it["clip_id"], "long_term": it["long_term"], "n_frames": it["n"], **own,
