@@ -269,6 +269,32 @@ def test_micro_open_set_table_and_summary(micro_pipeline):
         assert overall[metric] is not None or overall[f"{metric}_error"], metric
 
 
+def test_micro_open_set_is_logged_to_mlflow_and_on_the_registered_version(micro_pipeline):
+    from mlflow import MlflowClient
+
+    from mcdm import tracking
+
+    params = load_params(micro_pipeline / "params.yaml")
+    summary = json.loads((micro_pipeline / "reports" / "open_set.json").read_text())
+    uri = tracking.default_tracking_uri(micro_pipeline)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment).experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.stage = 'open_set'")
+    assert runs and runs[0].data.metrics["n_pairs"] == summary["n_pairs"]
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "open_set")}
+    assert artifacts == {"open_set/open_set.csv", "open_set/open_set.json"}
+    from mcdm.eval.evaluate import _model_version, _stage3_info
+
+    version, run_id = _model_version(client, params, _stage3_info(micro_pipeline / "models"))  # evaluate's lookup
+    assert version is not None
+    logged = client.get_run(run_id).data.metrics
+    assert any(k.startswith("eval.") for k in logged)
+    assert logged["open_set.n_pairs"] == summary["n_pairs"]
+    for metric in ("identity", "fid"):  # on the version beside its eval.* metrics, when measured
+        if summary["overall"].get(metric) is not None:
+            assert logged[f"open_set.overall.{metric}"] == pytest.approx(summary["overall"][metric])
+
+
 def test_micro_token_figures(micro_pipeline):
     root = micro_pipeline
     params = load_params(root / "params.yaml")

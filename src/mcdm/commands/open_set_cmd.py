@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--syncnet", required=True, help="SyncNet folder for Sync-C / Sync-D (e.g. models/syncnet)")
     p.add_argument("--table", required=True, help="output CSV, a row per portrait x audio pair")
     p.add_argument("--summary", required=True, help="output JSON: means per audio language and overall, backends, params hash")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.set_defaults(func=run)
 
 
@@ -35,4 +36,11 @@ def run(args) -> int:
     for name in ("sync_c", "sync_d", "identity", "identity_gt", "fid"):
         error = f" ({overall[name + '_error']})" if overall.get(name + "_error") else ""
         print(f"  {name:11s} {fmt(overall.get(name)):>10s}  [{overall.get(name + '_backend') or 'n/a'}]{error}")
+    if not args.no_tracking:
+        from mcdm.eval.evaluate import track_evaluation
+
+        numbers = {"overall": overall, "by_language": summary.get("by_language", {}), "n_pairs": summary["n_pairs"]}
+        done = track_evaluation(params, numbers, args.models, [args.table, args.summary], stage="open_set",
+                                prefix="open_set.", promote=False)
+        print(f"  mlflow: run {done.get('run_id')}; {done.get('promotion', '')}")
     return 0

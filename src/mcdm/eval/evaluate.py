@@ -597,10 +597,12 @@ def _model_version(client, params: Params, stage3: dict) -> tuple[Optional[str],
     return None, None
 
 
-def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, artifacts: list[str | Path]) -> dict:
-    """Log the evaluation to MLflow: an ``evaluate`` run (metrics + reports as artifacts); the metrics
-    also on the stage-3 run of the registered version; then ``promote`` moves ``champion`` by
-    ``registry.primary_metric`` (main line only, DECISIONS #16). Returns what was done."""
+def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, artifacts: list[str | Path], *,
+                     stage: str = STAGE, prefix: str = "eval.", promote: bool = True) -> dict:
+    """Log an evaluation to MLflow: a ``stage`` run (metrics + reports as artifacts); the metrics
+    also on the stage-3 run of the registered version, named ``<prefix><metric>``; then, with
+    ``promote``, ``champion`` moves by ``registry.primary_metric`` (main line only, DECISIONS #16).
+    The open_set stage logs through here too (prefix ``open_set.``, no promotion). Returns what was done."""
     import warnings
 
     from mcdm import tracking
@@ -608,11 +610,11 @@ def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, arti
     numbers = numeric_metrics(metrics)
     stage3 = _stage3_info(models_dir)
     done: dict = {}
-    with tracking.stage_run(params, STAGE, tags={"stage3_run_id": stage3.get("run_id", "")}) as tracker:
+    with tracking.stage_run(params, stage, tags={"stage3_run_id": stage3.get("run_id", "")}) as tracker:
         tracker.log_metrics(numbers, step=0)
         for path in artifacts:
             if Path(path).exists():
-                tracker.log_artifact(path, "evaluate")
+                tracker.log_artifact(path, stage)
         done["run_id"] = tracker.run_id
     if not tracking.is_main_line(params):
         done["promotion"] = "not the main line (variant full at the default alpha): no registry update"
@@ -628,11 +630,14 @@ def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, arti
             done["promotion"] = f"no registered version of {params.registry.name} for this stage-3 output"
             return done
         ts = int(time.time() * 1000)
-        items = [Metric(f"eval.{k}", v, ts, 0) for k, v in numbers.items()]
+        items = [Metric(f"{prefix}{k}", v, ts, 0) for k, v in numbers.items()]
         for i in range(0, len(items), 1000):
             client.log_batch(run_id, metrics=items[i:i + 1000])
-        value = metrics.get(params.registry.primary_metric)
         done["version"] = version
+        if not promote:
+            done["promotion"] = f"metrics logged on version {version} as {prefix}*; no promotion from {stage}"
+            return done
+        value = metrics.get(params.registry.primary_metric)
         if value is None:
             done["promotion"] = f"{params.registry.primary_metric} is not available: version {version} not ranked"
             return done
