@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mcdm.benchmark_results import merge_section
+
 LENGTHS = (10.0, 120.0)
 RSS_TOLERANCE, TIME_TOLERANCE = 0.10, 0.15
 BASELINE_LENGTHS = (4.0, 16.0, 48.0)
@@ -305,19 +307,8 @@ def plot_full_history(baseline: dict, path: Path) -> None:
 
 
 def write_merged(path: Path, figures: dict) -> None:
-    """Merge ``figures`` into ``path``'s ``generation`` key (its other parts and the file's other keys kept);
-    write-then-rename."""
-    data = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text() or "{}")
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"{path}: not valid JSON ({err}); fix or remove it") from None
-    data["generation"] = {**data.get("generation", {}), **figures}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Merge ``figures`` into ``path``'s ``generation`` key (its other parts and the file's other keys kept)."""
+    merge_section(path, "generation", figures)
 
 
 def constant_memory(args) -> dict:

@@ -69,8 +69,8 @@ def run_smoke(params: Params, workdir: Path, *, latent: int, warmup: int, n_fram
               vae_widths: tuple[int, ...] = (8, 8, 8, 8)) -> dict:
     """Write the synthetic project under ``workdir``, train the three stages in order and return
     their figures."""
-    from mcdm.train.engine import TrainSpec, on_gpu, train_loop
-    from mcdm.train.stages import build_task, export_stage
+    from mcdm.train.engine import on_gpu, train_loop
+    from mcdm.train.stages import build_task, export_stage, stage_spec
     from mcdm.train.synthetic import inputs_for, write_project
 
     t0 = time.time()
@@ -82,10 +82,7 @@ def run_smoke(params: Params, workdir: Path, *, latent: int, warmup: int, n_fram
         if on_gpu():
             torch.cuda.reset_peak_memory_stats()
         task = build_task(params, stage, inputs_for(workdir, stage), show_progress=False)
-        spec = TrainSpec.from_params(params, stage, workdir / "checkpoints" / f"stage{stage}",
-                                     fingerprint=task.fingerprint)
-        if task.precision:
-            spec.precision = task.precision
+        spec = stage_spec(task, workdir / "checkpoints" / f"stage{stage}")
         trained = [p for p in task.model.parameters() if p.requires_grad]
         recorder = SpeedRecorder()
         result = train_loop(task.model, lambda engine, batch: engine(batch), task.dataset, spec, tracker=recorder)
@@ -150,17 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_gpu_smoke: no CUDA GPU here (pass --allow-cpu for a plumbing run on CPU)")
     if args.resolution % 8:
         raise SystemExit(f"bench_gpu_smoke: --resolution {args.resolution} is not a multiple of 8 (the VAE's factor)")
-    params = smoke_params(args.resolution, args.steps, args.profile, json.loads(args.overrides))
+    overrides = json.loads(args.overrides)
+    params = smoke_params(args.resolution, args.steps, args.profile, overrides)
     vae_widths = tuple(int(w) for w in args.vae_widths.split(","))
     latent = args.resolution // 2 ** (len(vae_widths) - 1)
     with tempfile.TemporaryDirectory(prefix="mcdm-gpu-smoke-") as tmp:
         workdir = args.workdir or Path(tmp)
         figures = run_smoke(params, workdir, latent=latent, warmup=args.warmup, vae_widths=vae_widths)
     figures.update(machine=machine(), deterministic=params.train.deterministic, resolution=args.resolution, latent=latent, profile=args.profile,
-                   overrides=json.loads(args.overrides), synthetic_random_weights=True)
+                   overrides=overrides, synthetic_random_weights=True)
     key = (f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}, {args.resolution} px, "
            f"{'deterministic' if params.train.deterministic else 'non-deterministic'}")
-    merge_section(args.out, "train_stages_smoke", key, figures)
+    merge_section(args.out, "train_stages_smoke", {key: figures})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

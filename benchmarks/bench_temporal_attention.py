@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         streaming=bench_streaming(device, settings["stream_tokens"], settings["stream_channels"], settings["heads"],
                                   settings["clip_frames"], args.features, args.repeats),
     )
-    merge_section(Path(args.out), "temporal_attention", device.type, figures,
+    merge_section(Path(args.out), "temporal_attention", {device.type: figures},
                   stale=lambda section: "sequence" in section)  # legacy flat layout: replaced
     for row in figures["sequence"]:
         print(f"L={row['length']:5d}  softmax {row['softmax_ms']:9.2f} ms  sdpa {row['sdpa_ms']:9.2f} ms  "

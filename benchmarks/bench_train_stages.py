@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks.json"))
     args = parser.parse_args(argv)
     device, figures = collect(args.reports)
-    merge_section(args.out, "train_stages", device, figures)
+    merge_section(args.out, "train_stages", {device: figures})
     for stage in ("stage1", "stage2", "stage3"):
         f = figures[stage]
         print(f"{stage}: {f['samples_per_s']:.2f} samples/s in steps, {f['samples_per_s_end_to_end'] or 0:.2f} end to end "

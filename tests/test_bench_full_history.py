@@ -4,15 +4,14 @@ Counts shapes and bytes only (DECISIONS #14); the timings are the benchmark's bu
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from einops import rearrange
 
+from bench_scripts import load_benchmark
 from mcdm.errors import McdmError
 from mcdm.models.temporal_attention import (
     MemoryTemporalAttnProcessor,
@@ -21,18 +20,10 @@ from mcdm.models.temporal_attention import (
 )
 from mcdm.models.unet import MCDMUNet
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 B, T, S, CH = 2, 4, 6, 16  # videos, frames per clip, tokens per frame, channels
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-full_history = _load("full_history_attention")
+full_history = load_benchmark("full_history_attention")
 
 
 def _attention(processor) -> Attention:
@@ -164,7 +155,7 @@ def test_unet_first_clip_matches_wo_mta(unet):
 
 
 def test_write_merged_keeps_other_keys(tmp_path):
-    bench = _load("bench_generation")
+    bench = load_benchmark("bench_generation")
     out = tmp_path / "benchmarks.json"
     out.write_text(json.dumps({"temporal_attention": {"cpu": 1}, "generation": {"constant_memory": {"x": 1}}}))
     bench.write_merged(out, {"full_history_baseline": {"runs": []}})

@@ -3,15 +3,13 @@ synthetic project, their speed and memory merged into reports/benchmarks.json. H
 with a tiny model (--allow-cpu); on a GPU the same code runs the paper profile's model at 256 px."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_benchmark
 from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_smoke.py"
 TINY = {"model": {"block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                   "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 16,
                   "attention_head_dim": 2, "prior_dim": 32, "clip_frames": 4, "archived_frames": 2, "num_queries": 2,
@@ -22,10 +20,7 @@ TINY = {"model": {"block_out_channels": [16, 32], "down_block_types": ["CrossAtt
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu_smoke", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_gpu_smoke")
 
 
 def test_smoke_chains_the_stages_and_merges_its_section(tmp_path):

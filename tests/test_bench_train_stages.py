@@ -1,22 +1,17 @@
 """benchmarks/bench_train_stages.py: the stages' own metrics copied into reports/benchmarks.json."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_benchmark
 from mcdm.errors import McdmError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_stages.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_train_stages", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_train_stages")
 
 
 def test_end_to_end_rate_and_merge_keep_other_sections(tmp_path):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 from mcdm.errors import McdmError
 
 
-def merge_section(path: str | Path, section: str, key: str, figures: Any, *,
+def merge_section(path: str | Path, section: str, entries: Mapping[str, Any], *,
                   stale: Optional[Callable[[dict], bool]] = None) -> None:
-    """Set ``data[section][key] = figures`` in the JSON file ``path`` (write-then-rename). A section
+    """Set ``data[section][key] = value`` for each of ``entries`` in the JSON file ``path``
+    (write-then-rename; the section's other keys and the file's other sections are kept). A section
     that is not a mapping, or that ``stale(section)`` calls an old layout, is replaced."""
     path = Path(path)
     data = {}
@@ -25,7 +26,7 @@ def merge_section(path: str | Path, section: str, key: str, figures: Any, *,
     current = data.get(section)
     if not isinstance(current, dict) or (stale is not None and stale(current)):
         current = {}
-    current[key] = figures
+    current.update(entries)
     data[section] = current
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -848,6 +848,17 @@ def registry_bundle(task: StageTask, out_dir: Path, into: Path) -> Path:
     return into
 
 
+def stage_spec(task: StageTask, checkpoint_dir: str | Path):
+    """The :class:`~mcdm.train.engine.TrainSpec` of ``task``'s stage: ``train.stage<k>``, the task's
+    fingerprint, and the task's own precision where it forces one (stage 2 trains in fp32)."""
+    from mcdm.train.engine import TrainSpec
+
+    spec = TrainSpec.from_params(task.params, task.stage, checkpoint_dir, fingerprint=task.fingerprint)
+    if task.precision:
+        spec.precision = task.precision
+    return spec
+
+
 def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Path, checkpoint_dir: str | Path,
               metrics_path: Optional[str | Path] = None, loss_csv: Optional[str | Path] = None, *,
               task: Optional[StageTask] = None, show_progress: bool = True) -> dict:
@@ -856,15 +867,13 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
     import tempfile
 
     from mcdm.tracking import is_main_line, register_stage_model, stage_run
-    from mcdm.train.engine import TrainSpec, peak_memory_mb, train_loop
+    from mcdm.train.engine import peak_memory_mb, train_loop
 
     started = time.time()
     torch.set_num_threads(params.train.threads)
     out_dir, checkpoint_dir = Path(out_dir), Path(checkpoint_dir)
     task = task or build_task(params, stage, inputs, show_progress)
-    spec = TrainSpec.from_params(params, stage, checkpoint_dir, fingerprint=task.fingerprint)
-    if task.precision:
-        spec.precision = task.precision
+    spec = stage_spec(task, checkpoint_dir)
     trained = [p for p in task.model.parameters() if p.requires_grad]
     ema = None
     if params.train.ema and task.trains:
