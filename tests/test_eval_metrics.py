@@ -129,9 +129,27 @@ def test_fvd_fallback_zero_for_identical_sets_and_large_for_shuffled_frames(face
     assert same.backend == "fvd-fallback:dlib-descriptor+landmark-dynamics" and same.n == 4
     assert same.value == pytest.approx(0.0, abs=1e-8)
     assert same.details["no_face_clips_real"] == same.details["no_face_clips_fake"] == 0
+    assert all(same.details[f"part_{p}"] == pytest.approx(0.0, abs=1e-8)
+               for p in ("appearance", "motion", "mean_signals", "frame_change"))
     smooth = M.fvd(real, other, backend).value  # same face, same kind of motion, other phase
-    jumbled = M.fvd(real, shuffled, backend).value  # same frames, temporal order destroyed
-    assert jumbled > 5 * smooth > 0
+    jumbled = M.fvd(real, shuffled, backend)  # same frames, temporal order destroyed
+    assert jumbled.value > 5 * smooth > 0
+    # the parts say why: the shuffled clips hold the same frames (appearance: per-clip mean and std
+    # of 4 of 16 frames' descriptors, close) but move wrong (velocity and frame-change spectra)
+    parts = {p: jumbled.details[f"part_{p}"] for p in ("appearance", "motion", "frame_change")}
+    assert parts["motion"] > 10 * parts["appearance"] and parts["frame_change"] > parts["appearance"]
+
+
+def test_clip_dynamics_parts_tile_the_feature_vector():
+    from mcdm.eval.features import SIGNALS, clip_dynamics, clip_dynamics_parts
+
+    for t in (16, 15, 8):
+        rng = np.random.default_rng(t)
+        vec = clip_dynamics(rng.integers(0, 255, (t, 8, 8, 3)).astype(np.uint8), rng.normal(size=(t, len(SIGNALS))),
+                            rng.normal(size=(t // 4 + 1, 128)), fps=25.0)
+        parts = clip_dynamics_parts(t)
+        covered = np.concatenate([np.arange(len(vec))[s] for s in parts.values()])
+        np.testing.assert_array_equal(covered, np.arange(len(vec)))
 
 
 def test_prefetch_in_dask_workers_gives_the_in_process_analysis(heads):

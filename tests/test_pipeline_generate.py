@@ -197,3 +197,23 @@ def test_generate_bad_input_is_one_line_error(files, tmp_path, capsys, case, exp
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mcdm generate: error:") and expected in lines[0], stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.parametrize("rho", [0.0, 1.0])
+def test_initial_noise_of_a_clip_is_frame_correlated_as_in_training(pipe, params, rho):
+    """The pipeline's config carries model.frame_noise_correlation; each clip's initial latents follow
+    it (rho = 1: one field for every frame of the clip; rho = 0: independent frames)."""
+    assert pipe.config.frame_noise_correlation == params.model.frame_noise_correlation
+    crop = crop_portrait(skimage.data.astronaut(), params.data)
+    ref_latent, ref_emb = pipe.encode_reference(crop.image[None], crop.landmarks[None])
+    audio = pipe.audio_features(np.zeros(F * 640, np.float32), F)
+    first_input = []
+    hook = pipe.denoiser.register_forward_pre_hook(lambda m, args: first_input.append(args[0].clone()))
+    try:
+        next(pipe.iter_clips(ref_latent, ref_emb, audio[None], num_inference_steps=1, frame_noise_correlation=rho,
+                             generator=torch.Generator().manual_seed(0)))
+    finally:
+        hook.remove()
+    z = first_input[0]  # (1, C, F, h, w), scaled by init_noise_sigma (1 for DDIM)
+    same = torch.allclose(z[:, :, 1:], z[:, :, :1].expand_as(z[:, :, 1:]))
+    assert same == (rho == 1.0)

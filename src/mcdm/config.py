@@ -165,6 +165,8 @@ class ModelParams(Section):
     prior_heads: int = Field(4, ge=1)
     mta_features: int = Field(32, ge=4, description="FAVOR+ random features")
     p_drop_landmarks: float = Field(0.5, ge=0, le=1)
+    frame_noise_correlation: float = Field(
+        0.8, ge=0, le=1, description="rho: correlation of the diffusion noise between the frames of a clip, in training (stages 1 and 3) and generation (mixed noise model of PYoCo, Ge et al. 2023; models/frame_noise.py); 0 = independent per-frame noise")
     # present-clip motion prior and motion encoders (models/motion_prior.py, models/encoders.py)
     lip_dim: int = Field(16, ge=1, description="width of the lip token (LipEncoder output)")
     expression_dim: int = Field(16, ge=1, description="width of the expression token (ExpressionEncoder bottleneck)")

@@ -264,7 +264,7 @@ def frame_grid(refs: np.ndarray, reals: list, fakes: list, clip_ids: list, fps: 
     for r in range(rows):
         n = min(len(reals[r]), len(fakes[r]))
         picks = np.linspace(0, n - 1, times).round().astype(int)
-        cells = [(refs[r], f"{clip_ids[r][:14]}\nreference")]
+        cells = [(refs[r], "reference")]
         for i in picks:
             cells += [(reals[r][i], f"GT {i / fps:.1f}s"), (fakes[r][i], f"gen {i / fps:.1f}s")]
         for c, (img, title) in enumerate(cells):
@@ -272,6 +272,9 @@ def frame_grid(refs: np.ndarray, reals: list, fakes: list, clip_ids: list, fps: 
             ax.imshow(img)
             ax.set_title(title, fontsize=6)
             ax.axis("off")
+        # the clip's id beside its row (a title line above would run into the row above)
+        axes[r, 0].text(-0.06, 0.5, clip_ids[r], rotation=90, transform=axes[r, 0].transAxes, ha="right",
+                        va="center", fontsize=6)
     fig.tight_layout(pad=0.3)
     _atomic_savefig(fig, path)
     return path

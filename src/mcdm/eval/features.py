@@ -514,6 +514,18 @@ def clip_dynamics(frames: np.ndarray, signals: np.ndarray, descriptors: np.ndarr
     return np.concatenate([appearance, motion.ravel(), signals.mean(axis=0), energy_spectrum])
 
 
+def clip_dynamics_parts(clip_frames: int) -> dict[str, slice]:
+    """Where each part of ``clip_dynamics``'s vector lies for ``clip_frames``-frame clips: appearance
+    (descriptor mean and std), motion (velocity spectra), mean_signals, frame_change (spectrum of the
+    frame-difference energy). The FVD fallback reports its Fréchet distance on each part beside the
+    whole, so a value can be read as "looks wrong" or "moves wrong"."""
+    bins = (clip_frames - 1) // 2 + 1  # rfft of the T - 1 frame-to-frame steps
+    motion_end = 256 + bins * len(SIGNALS)
+    means_end = motion_end + len(SIGNALS)
+    return {"appearance": slice(0, 256), "motion": slice(256, motion_end), "mean_signals": slice(motion_end, means_end),
+            "frame_change": slice(means_end, means_end + bins)}
+
+
 class DynamicsVideoFeatures:
     """FVD fallback: ``clip_dynamics`` of every non-overlapping ``clip_frames`` clip.
 

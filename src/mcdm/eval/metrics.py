@@ -28,6 +28,7 @@ from mcdm.eval.features import (
     InceptionFeatures,
     as_frames,
     as_videos,
+    clip_dynamics_parts,
     expression_template,
     fill_missing,
     landmark_expression_features,
@@ -196,6 +197,9 @@ def fvd(real_videos, fake_videos, backend: I3DFeatures | DynamicsVideoFeatures |
             f"dropped {drop_r} / {drop_f} without a face, {short_r} / {short_f} videos too short)"
         )
     value = frechet_from_features(real_f, fake_f)
+    # the same distance on each part of the feature vector (not additive: the parts correlate)
+    for part, cols in clip_dynamics_parts(clip_frames).items():
+        details[f"part_{part}"] = frechet_from_features(real_f[:, cols], fake_f[:, cols])
     return MetricResult("fvd", value, backend.label, len(fake_f), details)
 
 

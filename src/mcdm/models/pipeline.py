@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange, repeat
 
 from mcdm.config import DataParams, Params
 from mcdm.errors import McdmError, MissingStageOutput
+from mcdm.models.frame_noise import frame_correlated_noise
 
 # The models/ folder the DVC stages write: component -> (subfolder, stage that writes it).
 MODELS_LAYOUT = {
@@ -129,7 +129,9 @@ class MCDMPipeline(DiffusionPipeline):
     ``audio_encoder`` (Wav2Vec2Model, or None for the ``logmel`` backend) and ``image_encoder``
     (CLIPVisionModelWithProjection, or None for the ``dlib+vae`` backend). Config: ``data`` (the
     ``data`` params the training clips were made with: fps, resolution, crop), ``clip_frames``,
-    ``prior_steps``, ``audio_window``, ``default_steps`` (``eval.steps``), backends and provenance.
+    ``prior_steps``, ``audio_window``, ``default_steps`` (``eval.steps``), ``frame_noise_correlation``
+    (rho of the clips' initial noise, ``model.frame_noise_correlation``: as the denoiser was trained),
+    backends and provenance.
     """
 
     model_cpu_offload_seq = "motion_prior->denoiser->vae"
@@ -152,6 +154,7 @@ class MCDMPipeline(DiffusionPipeline):
         prior_steps: int = 20,
         audio_window: int = 2,
         default_steps: int = 10,
+        frame_noise_correlation: float = 0.0,
         audio_backend: str = "logmel",
         image_backend: str = "dlib+vae",
         provenance: Optional[dict] = None,
@@ -162,7 +165,8 @@ class MCDMPipeline(DiffusionPipeline):
                               audio_encoder=audio_encoder, image_encoder=image_encoder)
         self.register_to_config(data=dict(data or DataParams().model_dump(mode="json")), clip_frames=int(clip_frames),
                                 prior_steps=int(prior_steps), audio_window=int(audio_window),
-                                default_steps=int(default_steps), audio_backend=audio_backend,
+                                default_steps=int(default_steps), frame_noise_correlation=float(frame_noise_correlation),
+                                audio_backend=audio_backend,
                                 image_backend=image_backend, provenance=dict(provenance or {}))
         self.set_progress_bar_config(desc="generating", unit="frame")
         self._audio = self._identity = None
@@ -305,12 +309,14 @@ class MCDMPipeline(DiffusionPipeline):
         prior_steps: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         eta: float = 0.0,
+        frame_noise_correlation: Optional[float] = None,
     ) -> Iterator[ClipState]:
         """Generate clip after clip; yields a ``ClipState`` per clip (frames decoded, state carried).
 
         ref_latent (B, C, h, w) scaled VAE latents; ref_embedding (B, E); audio_feats (B, T, A);
         landmarks (B, T, 68, 2) crop pixels and head_pose (B, T, 6) for landmark-driven generation.
         Only the archived window (a latents) and the last memory state live across clips.
+        ``frame_noise_correlation``: rho of the clips' initial noise (default: the config's, i.e. training's).
         """
         from mcdm.base.vae import to_uint8
 
@@ -318,6 +324,7 @@ class MCDMPipeline(DiffusionPipeline):
         variant, a, F = self.variant, int(den.config.archived_frames), int(self.config.clip_frames)
         steps = int(num_inference_steps or self.config.default_steps)
         prior_steps = int(prior_steps or self.config.prior_steps)
+        rho = float(self.config.frame_noise_correlation if frame_noise_correlation is None else frame_noise_correlation)
         batch, n_frames = audio_feats.shape[:2]
         if n_frames < 1:
             raise McdmError("generate: nothing to generate (0 frames)")
@@ -366,7 +373,9 @@ class MCDMPipeline(DiffusionPipeline):
             # 4. reverse diffusion of the clip, every step reading the memory of the previous clip
             self.scheduler.set_timesteps(steps, device=dev)
             shape = (batch, ref_latent.shape[1], F, *ref_latent.shape[-2:])
-            latents = randn_tensor(shape, generator=generator, device=dev, dtype=dtype) * self.scheduler.init_noise_sigma
+            # the frames' initial noise correlated as in training (models/frame_noise.py)
+            latents = frame_correlated_noise(shape, rho, generator=generator, device=dev, dtype=dtype)
+            latents = latents * self.scheduler.init_noise_sigma
             step_kwargs = {"eta": eta, "generator": generator} if isinstance(self.scheduler, DDIMScheduler) else {}
             memory_out = None
             for t in self.scheduler.timesteps:
@@ -659,7 +668,8 @@ def pipeline_config(params: Params, audio_backend: str = "logmel", image_backend
     """The pipeline's non-network config from the params the models were trained with."""
     return dict(data=params.data.model_dump(mode="json"), clip_frames=params.model.clip_frames,
                 prior_steps=params.model.prior_inference_steps, audio_window=params.model.audio_window,
-                default_steps=params.eval.steps, audio_backend=audio_backend, image_backend=image_backend)
+                default_steps=params.eval.steps, frame_noise_correlation=params.model.frame_noise_correlation,
+                audio_backend=audio_backend, image_backend=image_backend)
 
 
 def _read_stage_json(path: Path) -> dict:

@@ -22,7 +22,8 @@ Losses (standard diffusion MSE, in the base UNet's parameterisation: y = eps for
 sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 for the pretrained tiny UNet; :mod:`mcdm.models.diffusion_objective`):
 
 * stages 1 and 3:  L = E_{z_0, eps, t} || y_t - f_theta(z_t, t, z_ref, z_arch, F_pc, G(landmarks)) ||^2,
-  z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with the base UNet's training schedule; the landmark
+  z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps with the base UNet's training schedule, the frames'
+  eps of a clip correlated by ``model.frame_noise_correlation`` (``mcdm.models.frame_noise``); the landmark
   guider's features G are dropped for a whole clip with probability ``model.p_drop_landmarks``
   (generation runs without a driving video by default).
   The timesteps of a step's clips are stratified (one per 1/n of [0, T), Kingma et al. 2021): the
@@ -65,6 +66,7 @@ from mcdm.models.diffusion_objective import denoising_mse, predicted_x0
 from mcdm.models.encoders import LandmarkGuider, MotionEncoders, frame_windows, load_strict
 from mcdm.models.motion_prior import PresentClipMotionPrior
 from mcdm.models.temporal_attention import detach_memory
+from mcdm.models.frame_noise import frame_correlated_noise
 from mcdm.models.variants import STAGE_GROUPS, MCDMDenoiser, denoiser_config
 from mcdm.train.datasets import ClipRuns, FeatureSet, audio_frames, load_feature_set, ref_embeddings
 
@@ -268,10 +270,12 @@ def stratified_timesteps(n: int, num_train_timesteps: int, device) -> torch.Tens
     return (frac * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
 
 
-def diffusion_mse(denoiser: MCDMDenoiser, scheduler, z0: torch.Tensor, t: torch.Tensor, memory=None, **cond):
-    """Eq. of the module docstring for one clip per item at timesteps ``t`` (B,); returns (the MSE
-    against the scheduler's target, the MTA memory state the clip leaves)."""
-    eps = torch.randn_like(z0)
+def diffusion_mse(denoiser: MCDMDenoiser, scheduler, z0: torch.Tensor, t: torch.Tensor, memory=None,
+                  rho: float = 0.0, **cond):
+    """Eq. of the module docstring for one clip per item at timesteps ``t`` (B,), the clip's frames'
+    noise correlated by ``rho`` (models/frame_noise.py); returns (the MSE against the scheduler's
+    target, the MTA memory state the clip leaves)."""
+    eps = frame_correlated_noise(z0.shape, rho, device=z0.device, dtype=z0.dtype)
     z_t = scheduler.add_noise(z0, eps, t)  # z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
     out = denoiser(z_t, t, memory_state=memory, **cond)
     return denoising_mse(scheduler, out.sample, z0, eps, t), out.memory_state
@@ -391,7 +395,7 @@ class DenoiserStage(StageTask):
             memory = None
             for k in range(batch["latents"].shape[1]):
                 z0 = batch["latents"][:, k]
-                eps = torch.randn(z0.shape, generator=gen).to(z0)
+                eps = frame_correlated_noise(z0.shape, self.params.model.frame_noise_correlation, generator=gen).to(z0)
                 out = denoiser(self.scheduler.add_noise(z0, eps, t), t, memory_state=memory,
                                **self._clip_cond(batch, k, landmarks=False))
                 memory = out.memory_state
@@ -489,7 +493,8 @@ class Stage1(DenoiserStage):
     def loss(self, batch: dict) -> torch.Tensor:
         z0 = batch["latents"][:, 0]
         t = stratified_timesteps(z0.shape[0], self.scheduler.config.num_train_timesteps, z0.device)
-        loss, _ = diffusion_mse(self.parts[DENOISER], self.scheduler, z0, t, **self._clip_cond(batch, 0))
+        loss, _ = diffusion_mse(self.parts[DENOISER], self.scheduler, z0, t,
+                                rho=self.params.model.frame_noise_correlation, **self._clip_cond(batch, 0))
         return loss
 
     def export_modules(self) -> dict[str, nn.Module]:
@@ -661,6 +666,7 @@ class Stage3(DenoiserStage):
         memory, losses = None, []
         for k in range(k_run):
             loss_k, memory = diffusion_mse(denoiser, self.scheduler, batch["latents"][:, k], t[k], memory=memory,
+                                           rho=self.params.model.frame_noise_correlation,
                                            **self._clip_cond(batch, k))
             memory = detach_memory(memory)  # carried to the next clip without backprop (DECISIONS #6)
             losses.append(loss_k)
