@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcdm.config import PROFILES, Params, ParamsError, dump_params, load_params, profile_params, validate
+from mcdm.config import (
+    DATA_FILTERS, MOVED, PROFILES, DataParams, EvalParams, Params, ParamsError, dump_params, load_params,
+    profile_params, validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +74,43 @@ def test_cli_reports_bad_params_as_one_line(tmp_path):
     assert len(lines) == 1 and "alpha" in lines[0], proc.stderr
 
 
+def _old_layout(params: Params) -> dict:
+    """``params`` as a params.yaml from before DECISIONS #18's map (the five sections at top level)."""
+    raw = params.model_dump(mode="json")
+    for old, new in MOVED.items():
+        section, key = new.split(".")
+        raw[old] = raw[section].pop(key)
+    return raw
+
+
+@pytest.mark.parametrize("old", list(MOVED))
+def test_a_moved_section_fails_in_one_line_naming_where_it_went(old):
+    with pytest.raises(ParamsError) as err:
+        validate({old: {}}, "params.yaml")
+    assert str(err.value) == f"params.yaml: {old}: moved to {MOVED[old]} (DECISIONS #18)"
+
+
+def test_cli_reports_an_old_params_yaml_as_one_line_naming_every_move(tmp_path):
+    old = tmp_path / "params.yaml"
+    old.write_text(yaml.safe_dump(_old_layout(Params()), sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcdm.cli", "--params", str(old), "params", "check"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "extra inputs" not in lines[0] and "unknown key" not in lines[0], proc.stderr
+    assert f"{old}: quality: moved to data.quality; " in lines[0] and lines[0].endswith(" (DECISIONS #18)")
+    for section, where in MOVED.items():
+        assert f"{section}: moved to {where}" in lines[0]
+
+
+def test_an_old_profile_overlay_fails_naming_the_move(tmp_path):
+    (tmp_path / "micro.yaml").write_text("open_set:\n  max_pairs: 2\n")
+    with pytest.raises(ParamsError, match=r"micro\.yaml: open_set: moved to eval\.open_set \(DECISIONS #18\)$"):
+        profile_params("micro", tmp_path)
+
+
 def test_params_apply_micro_roundtrip(tmp_path):
     out = tmp_path / "params.yaml"
     proc = subprocess.run(
@@ -83,3 +123,65 @@ def test_params_apply_micro_roundtrip(tmp_path):
 
 def test_params_hash_changes_with_alpha():
     assert Params().hash() != validate({"alpha": 0.5}).hash()
+
+
+# ---------------------------------------------------------------------------------------- dvc.yaml params
+# Sub-sections that only their own stages read (DECISIONS #18), and the one key of them other stages read.
+OWN_STAGES = {"data.quality": {"quality"}, "data.syncnet": {"syncnet_train", "sync_filter"}, "data.split": {"split"},
+              "eval.open_set": {"open_set"}, "eval.token_figures": {"token_figures"}}
+SHARED_KEYS = {"data.syncnet.max_offset": {"evaluate", "open_set", "ablation", "sweep"}}  # Sync-C / Sync-D's search
+DATA_KEYS = {f"data.{k}" for k in DataParams.model_fields if k not in DATA_FILTERS}
+EVAL_KEYS = {f"eval.{k}" for k in EvalParams.model_fields if k not in ("open_set", "token_figures")}
+
+
+def _dvc_params() -> dict[str, list[str]]:
+    """Each stage's params.yaml keys, as dvc.yaml lists them."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, stage in stages.items():
+        keys = []
+        for entry in stage.get("params", []):
+            if isinstance(entry, str):
+                keys.append(entry)
+            else:  # {file: [keys]}
+                keys += [k for file, ks in entry.items() if file == "params.yaml" for k in ks]
+        out[name] = keys
+    return out
+
+
+def _has(tree: dict, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def test_every_dvc_params_entry_is_a_key_of_params_yaml():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = [f"{stage}: {key}" for stage, keys in _dvc_params().items() for key in keys if not _has(params, key)]
+    assert not missing
+
+
+def test_a_sub_section_is_a_dependency_of_its_own_stages_only():
+    for stage, keys in _dvc_params().items():
+        for key in keys:
+            for sub, owners in OWN_STAGES.items():
+                # a key inside the sub-section, or a section holding it (`data`, `eval`), depends on it
+                reads = key == sub or key.startswith(f"{sub}.") or sub.startswith(f"{key}.")
+                assert not reads or stage in owners or stage in SHARED_KEYS.get(key, ()), f"{stage}: {key}"
+    params = _dvc_params()
+    assert not [k for k in params["faces"] if k.startswith(("data.quality", "data.syncnet", "data.split"))]
+    for stage, sub in (("quality", "data.quality"), ("syncnet_train", "data.syncnet"), ("sync_filter", "data.syncnet"),
+                       ("split", "data.split"), ("open_set", "eval.open_set"), ("token_figures", "eval.token_figures")):
+        assert sub in params[stage]
+
+
+def test_stages_that_read_a_whole_section_list_all_its_other_keys():
+    # faces and the stages after the main line read all of `data` and (but faces) `eval`; their lists must
+    # grow with the schema, as the whole section they replace did
+    params = _dvc_params()
+    for stage in ("faces", "evaluate", "open_set", "ablation", "sweep"):
+        assert {k for k in params[stage] if k.startswith("data.") and k.count(".") == 1} - set(OWN_STAGES) == DATA_KEYS, stage
+    for stage in ("evaluate", "open_set", "ablation", "sweep"):
+        assert {k for k in params[stage] if k.startswith("eval.") and k.count(".") == 1} - set(OWN_STAGES) == EVAL_KEYS, stage

@@ -44,7 +44,7 @@ def stage_outputs(tmp_path_factory):
     face = portrait()
     two = np.concatenate([face, face[:, ::-1]], axis=1)  # two people side by side
     blur = cv2.GaussianBlur(face, (0, 0), 2.5)
-    dark = (face * 0.2).astype(np.uint8)  # face luma ~33 < quality.min_brightness 40
+    dark = (face * 0.2).astype(np.uint8)  # face luma ~33 < data.quality.min_brightness 40
     videos = {
         "clean": [*moving(face, 50)],
         "two": [*moving(two, 30)],
@@ -218,13 +218,13 @@ def test_hyperiqa_backend_loads_a_local_torchscript_file_and_is_labelled(stage_o
     torch.jit.save(torch.jit.script(ConstantIqa()), str(path))
     d, p, _, _ = stage_outputs
     p = p.model_copy(deep=True)
-    p.quality.backend, p.quality.hyperiqa_path, p.quality.min_iqa_score = "hyperiqa", str(path), 40.0
+    p.data.quality.backend, p.data.quality.hyperiqa_path, p.data.quality.min_iqa_score = "hyperiqa", str(path), 40.0
     kept, _ = quality(d / "faces" / "faces.parquet", tmp_path / "q", p)
     assert (kept.quality_backend == "hyperiqa").all() and (kept.iqa_score == 50.0).all()
-    p.quality.min_iqa_score = 60.0
+    p.data.quality.min_iqa_score = 60.0
     with pytest.raises(McdmError, match="quality: nothing survived"):
         quality(d / "faces" / "faces.parquet", tmp_path / "q2", p)
     assert pd.read_csv(tmp_path / "q2" / "rejects.csv").reason.str.contains("low_iqa|too_dark|blurry").all()
-    p.quality.hyperiqa_path = "/nonexistent/hyperiqa.pt"
-    with pytest.raises(McdmError, match="quality.hyperiqa_path"):
+    p.data.quality.hyperiqa_path = "/nonexistent/hyperiqa.pt"
+    with pytest.raises(McdmError, match="data.quality.hyperiqa_path"):
         quality(d / "faces" / "faces.parquet", tmp_path / "q3", p)

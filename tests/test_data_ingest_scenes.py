@@ -31,7 +31,7 @@ def tiny_params(**data) -> Params:
     p.data.min_clip_seconds = 1.0
     p.data.resolution = 32
     p.data.min_face_px = 48  # the synthetic faces are ~75 px: dlib looks at 80/48 = 1.67x
-    p.quality.min_resolution = 48
+    p.data.quality.min_resolution = 48
     for k, v in data.items():
         setattr(p.data, k, v)
     return p

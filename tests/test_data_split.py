@@ -32,7 +32,7 @@ def test_groups_never_cross_and_test_is_about_a_tenth():
     g_train, g_test, g_open = set(train.source_id), set(regular_test.source_id), set(open_set.source_id)
     assert not (g_train & g_test) and not (g_open & (g_train | g_test | set(test.source_id)))
     assert not (set(train.video_id) & set(test.video_id))  # never one source video on both sides
-    assert len(g_open) == Params().split.open_set_identities == 2
+    assert len(g_open) == Params().data.split.open_set_identities == 2
     regular = len(clips) - clips.long_term.sum() - len(open_set)
     n_test_regular = (~test.long_term).sum()
     assert 0.1 * regular <= n_test_regular <= 0.1 * regular + 5  # groups of 5 clips: at most one group over
@@ -54,7 +54,7 @@ def test_identities_shared_across_source_ids_stay_on_one_side():
     clips = pd.concat([clips, pd.DataFrame(extra)], ignore_index=True)
     for seed in range(6):
         p = Params()
-        p.split.seed = seed
+        p.data.split.seed = seed
         sides = [set(df.source_id) for df in split_clips(clips, p)]
         linked = {"id01", "id02", "id05", "id01;id02", "id05;id02"}
         assert sum(bool(side & linked) for side in sides) == 1, seed
@@ -67,7 +67,7 @@ def test_split_is_deterministic_and_independent_of_row_order():
     for x, y in zip(a, b):
         assert sorted(x.clip_id) == sorted(y.clip_id)
     p = Params()
-    p.split.seed = 1
+    p.data.split.seed = 1
     c = split_clips(clips, p)
     assert sorted(c[1].clip_id) != sorted(a[1].clip_id)  # the salt changes the draw
 

@@ -231,8 +231,8 @@ def test_the_stages_run_after_the_main_line_and_before_the_report():
             for kind in ("outs", "metrics") for o in stages[name].get(kind, [])}
     assert not outs & set(stages["evaluate"]["deps"])
     assert {"reports/open_set.json", "reports/token_figures.json"} <= set(stages["report"]["deps"])
-    assert "models/stage3" in stages["open_set"]["deps"] and "open_set" in stages["open_set"]["params"]
-    assert "token_figures" in stages["token_figures"]["params"]
+    assert "models/stage3" in stages["open_set"]["deps"] and "eval.open_set" in stages["open_set"]["params"]
+    assert "eval.token_figures" in stages["token_figures"]["params"]
 
 
 # ---------------------------------------------------------------------------------------- micro pipeline
@@ -243,7 +243,7 @@ def test_micro_open_set_table_and_summary(micro_pipeline):
     train = pd.read_parquet(root / "data" / "split" / "train.parquet")
     table = pd.read_csv(root / "reports" / "open_set.csv")
     summary = json.loads((root / "reports" / "open_set.json").read_text())
-    assert len(table) == min(params.open_set.max_pairs, len(pairs)) >= 1
+    assert len(table) == min(params.eval.open_set.max_pairs, len(pairs)) >= 1
     assert list(table.columns) == O.TABLE_COLUMNS
     assert set(table["portrait_clip_id"]) <= set(pairs["clip_id"])
     assert not set(table["portrait_identity"]) & set(train["source_id"])  # portraits never seen in training
@@ -257,7 +257,7 @@ def test_micro_open_set_table_and_summary(micro_pipeline):
     assert set(summary["by_language"]) == set(table["audio_language"].astype(str))
     assert summary["params_hash"] == params.hash()
     assert summary["backends"]["identity"] == "dlib-descriptor-128" and summary["backends"]["fid"]
-    assert summary["fid_real"]["split"] == "train" and 2 <= summary["fid_real"]["frames"] <= params.open_set.fid_real_frames
+    assert summary["fid_real"]["split"] == "train" and 2 <= summary["fid_real"]["frames"] <= params.eval.open_set.fid_real_frames
     assert set(summary["fid_real"]["clips"]) <= set(train["clip_id"])
     sync = table["sync_c"].dropna()
     overall = summary["overall"]
@@ -306,12 +306,12 @@ def test_micro_token_figures(micro_pipeline):
     shown = index[index["split"].isin(["test", "open_set"])]
     coords = pd.read_csv(reports / "expression_tsne.csv")
     assert set(coords["clip_id"]) == set(shown["clip_id"])
-    assert len(coords) == sum(min(n, params.token_figures.tsne_frames_per_clip) for n in shown["n_frames"])
+    assert len(coords) == sum(min(n, params.eval.token_figures.tsne_frames_per_clip) for n in shown["n_frames"])
     assert np.isfinite(coords[["x", "y"]].to_numpy()).all() and coords["identity"].notna().all()
     tsne, lip = summary["tsne"], summary["lip_heatmap"]
-    assert tsne["points"] == len(coords) and tsne["perplexity"] == min(params.token_figures.tsne_perplexity, len(coords) - 1)
-    assert len(lip["clips"]) == min(params.token_figures.heatmap_clips, int((index["split"] == "test").sum()))
-    assert lip["sampled"] and max(lip["frames"]) <= math.ceil(params.token_figures.heatmap_seconds * params.data.fps)
+    assert tsne["points"] == len(coords) and tsne["perplexity"] == min(params.eval.token_figures.tsne_perplexity, len(coords) - 1)
+    assert len(lip["clips"]) == min(params.eval.token_figures.heatmap_clips, int((index["split"] == "test").sum()))
+    assert lip["sampled"] and max(lip["frames"]) <= math.ceil(params.eval.token_figures.heatmap_seconds * params.data.fps)
 
 
 def test_micro_report_has_the_open_set_and_the_token_figures(micro_pipeline):

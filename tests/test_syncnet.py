@@ -260,8 +260,8 @@ def trained(tmp_path_factory):
     manifest.to_csv(root / "manifest.csv", index=False)
     params = Params(seed=0)
     params.data.workers = 1
-    params.syncnet = SyncNetParams(train_steps=120, batch_size=16, channels=[16, 32, 64, 64], embed_dim=32,
-                                   holdout_fraction=0.25, min_confidence=0.2)
+    params.data.syncnet = SyncNetParams(train_steps=120, batch_size=16, channels=[16, 32, 64, 64], embed_dim=32,
+                                        holdout_fraction=0.25, min_confidence=0.2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: one thread is fastest on a shared 2-core machine
     try:

@@ -3,7 +3,8 @@
 ``params.yaml`` (what DVC tracks) is this schema's defaults, optionally overlaid with
 ``configs/micro.yaml`` (tests) or ``configs/paper.yaml`` (GPU), written by
 ``mcdm params apply <profile>``. Every stage validates ``params.yaml`` first; an unknown key, a wrong
-type or an out-of-range value stops it with one line naming the key.
+type or an out-of-range value stops it with one line naming the key (a section that DECISIONS #18's
+map moved, with where it went: ``MOVED``).
 """
 from __future__ import annotations
 
@@ -21,51 +22,6 @@ VARIANTS: tuple[str, ...] = ("full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2")
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataParams(Section):
-    source: str = Field("data/sample", description="folder of raw videos; data/sample is what sample_data writes")
-    fps: float = Field(25.0, gt=0, description="every clip is resampled to this frame rate")
-    audio_rate: int = Field(16000, gt=0, description="every clip's audio is resampled to this rate, mono")
-    max_clip_seconds: float = Field(30.0, gt=0, description="clips are trimmed to at most this long")
-    min_clip_seconds: float = Field(2.0, ge=0, description="shorter clips are rejected")
-    scene_detector: Literal["content", "adaptive"] = "adaptive"
-    scene_threshold: float = Field(3.0, gt=0, description="PySceneDetect threshold (adaptive_threshold or content threshold)")
-    resolution: int = Field(64, ge=16, description="side of the square talking-head crop")
-    min_face_px: int = Field(80, ge=8, description="smallest accepted face box side, in source pixels (dlib detects at 80 / min_face_px scale)")
-    face_detector: Literal["dlib", "scrfd"] = "dlib"
-    scrfd_path: Optional[str] = Field(None, description="local SCRFD ONNX file when face_detector: scrfd")
-    face_sample_every: int = Field(5, ge=1, description="run the detector on every k-th frame")
-    min_face_frame_rate: float = Field(0.9, ge=0, le=1, description="fraction of a kept face run's sampled frames that must hold exactly one face")
-    workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes (1: run in-process) of the stages whose "
-                         "per-video work is single-threaded (sample_data, scenes, faces); quality, sync_filter and features "
-                         "run in-process unless dask_address is set (mcdm.data.parallel.stage_workers)")
-    dask_address: Optional[str] = Field(None, description="an existing Dask scheduler instead of a LocalCluster")
-    silence_dbfs: float = Field(-50.0, le=0, description="audio whose 90th-percentile 0.25 s RMS is below this (dBFS) is silent: rejected")
-    cut_margin_frames: int = Field(2, ge=0, description="frames dropped on each side of a detected scene cut")
-    detect_max_side: int = Field(640, ge=64, description="longest side of the image the face detector sees (larger frames are downscaled)")
-    max_multi_face_rate: float = Field(0.2, ge=0, le=1, description="a clip with 2+ faces in this fraction of sampled frames is rejected whole")
-    max_face_gap_seconds: float = Field(0.5, ge=0, description="longer stretches without exactly one face split the clip (shorter ones are interpolated)")
-    max_face_jump: float = Field(0.5, gt=0, description="a face centre moving more than this x face size between samples splits the clip")
-    crop_scale: float = Field(1.8, ge=1, description="side of the square talking-head crop / face box side")
-    box_smooth_seconds: float = Field(0.3, ge=0, description="Gaussian sigma smoothing the face box over time")
-    landmark_smooth_frames: float = Field(1.0, ge=0, description="Gaussian sigma smoothing landmarks over time (0: raw)")
-
-
-class SampleParams(Section):
-    """talkingface-wild-mini, the embedded sample dataset (``mcdm sample-data``)."""
-
-    n_videos: int = Field(36, ge=1, description="regular videos (14 carry a planted defect, at least one of each kind; the rest are clean)")
-    seconds_min: float = Field(6.0, gt=0, description="shortest regular video, seconds (before time_scale)")
-    seconds_max: float = Field(12.0, gt=0, description="longest regular video, seconds (before time_scale)")
-    time_scale: float = Field(1.0, gt=0, description="multiplies every duration (`mcdm sample-data --seconds`)")
-    too_long_seconds: float = Field(34.0, gt=0, description="length of the planted too-long videos (never below 31 s)")
-    n_long: int = Field(2, ge=0, description="long clean videos for the long-term curve (exempt from trimming)")
-    long_seconds: float = Field(10.0, gt=0, description="length of the long videos, seconds (before time_scale); the long-term curve uses eval.long_term_seconds of them (8 s at the embedded default: every second beyond that is data-stage work on frames never generated)")
-    n_identities: int = Field(10, ge=2, le=10, description="identities used (2 real photos + derived faces)")
-    size: int = Field(256, ge=128, description="frame side of the generated raw videos (two-face videos are twice as wide)")
-    fps: float = Field(25.0, gt=0, description="frame rate of the generated videos")
-    seed: int = 0
 
 
 class QualityParams(Section):
@@ -110,6 +66,56 @@ class SplitParams(Section):
     test_fraction: float = Field(0.1, gt=0, lt=1)
     open_set_identities: int = Field(2, ge=0, description="identities held out entirely for the open-set table")
     seed: int = Field(0, description="salt of the deterministic group hash (independent of the training seed)")
+
+
+class DataParams(Section):
+    source: str = Field("data/sample", description="folder of raw videos; data/sample is what sample_data writes")
+    fps: float = Field(25.0, gt=0, description="every clip is resampled to this frame rate")
+    audio_rate: int = Field(16000, gt=0, description="every clip's audio is resampled to this rate, mono")
+    max_clip_seconds: float = Field(30.0, gt=0, description="clips are trimmed to at most this long")
+    min_clip_seconds: float = Field(2.0, ge=0, description="shorter clips are rejected")
+    scene_detector: Literal["content", "adaptive"] = "adaptive"
+    scene_threshold: float = Field(3.0, gt=0, description="PySceneDetect threshold (adaptive_threshold or content threshold)")
+    resolution: int = Field(64, ge=16, description="side of the square talking-head crop")
+    min_face_px: int = Field(80, ge=8, description="smallest accepted face box side, in source pixels (dlib detects at 80 / min_face_px scale)")
+    face_detector: Literal["dlib", "scrfd"] = "dlib"
+    scrfd_path: Optional[str] = Field(None, description="local SCRFD ONNX file when face_detector: scrfd")
+    face_sample_every: int = Field(5, ge=1, description="run the detector on every k-th frame")
+    min_face_frame_rate: float = Field(0.9, ge=0, le=1, description="fraction of a kept face run's sampled frames that must hold exactly one face")
+    workers: int = Field(2, ge=1, description="Dask LocalCluster worker processes (1: run in-process) of the stages whose "
+                         "per-video work is single-threaded (sample_data, scenes, faces); quality, sync_filter and features "
+                         "run in-process unless dask_address is set (mcdm.data.parallel.stage_workers)")
+    dask_address: Optional[str] = Field(None, description="an existing Dask scheduler instead of a LocalCluster")
+    silence_dbfs: float = Field(-50.0, le=0, description="audio whose 90th-percentile 0.25 s RMS is below this (dBFS) is silent: rejected")
+    cut_margin_frames: int = Field(2, ge=0, description="frames dropped on each side of a detected scene cut")
+    detect_max_side: int = Field(640, ge=64, description="longest side of the image the face detector sees (larger frames are downscaled)")
+    max_multi_face_rate: float = Field(0.2, ge=0, le=1, description="a clip with 2+ faces in this fraction of sampled frames is rejected whole")
+    max_face_gap_seconds: float = Field(0.5, ge=0, description="longer stretches without exactly one face split the clip (shorter ones are interpolated)")
+    max_face_jump: float = Field(0.5, gt=0, description="a face centre moving more than this x face size between samples splits the clip")
+    crop_scale: float = Field(1.8, ge=1, description="side of the square talking-head crop / face box side")
+    box_smooth_seconds: float = Field(0.3, ge=0, description="Gaussian sigma smoothing the face box over time")
+    landmark_smooth_frames: float = Field(1.0, ge=0, description="Gaussian sigma smoothing landmarks over time (0: raw)")
+    # the filters after faces (dvc.yaml stages quality, syncnet_train / sync_filter, split); the stages
+    # before them list the keys above one by one, so changing a filter re-runs only what follows it
+    quality: QualityParams = Field(default_factory=QualityParams)
+    syncnet: SyncNetParams = Field(default_factory=SyncNetParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+
+
+class SampleParams(Section):
+    """talkingface-wild-mini, the embedded sample dataset (``mcdm sample-data``)."""
+
+    n_videos: int = Field(36, ge=1, description="regular videos (14 carry a planted defect, at least one of each kind; the rest are clean)")
+    seconds_min: float = Field(6.0, gt=0, description="shortest regular video, seconds (before time_scale)")
+    seconds_max: float = Field(12.0, gt=0, description="longest regular video, seconds (before time_scale)")
+    time_scale: float = Field(1.0, gt=0, description="multiplies every duration (`mcdm sample-data --seconds`)")
+    too_long_seconds: float = Field(34.0, gt=0, description="length of the planted too-long videos (never below 31 s)")
+    n_long: int = Field(2, ge=0, description="long clean videos for the long-term curve (exempt from trimming)")
+    long_seconds: float = Field(10.0, gt=0, description="length of the long videos, seconds (before time_scale); the long-term curve uses eval.long_term_seconds of them (8 s at the embedded default: every second beyond that is data-stage work on frames never generated)")
+    n_identities: int = Field(10, ge=2, le=10, description="identities used (2 real photos + derived faces)")
+    size: int = Field(256, ge=128, description="frame side of the generated raw videos (two-face videos are twice as wide)")
+    fps: float = Field(25.0, gt=0, description="frame rate of the generated videos")
+    seed: int = 0
 
 
 class BaseModelsParams(Section):
@@ -251,6 +257,29 @@ class TrainParams(Section):
     stage3: Stage3Params = Field(default_factory=Stage3Params)
 
 
+class OpenSetParams(Section):
+    """The open-set table (DECISIONS #23; dvc.yaml stage ``open_set``): portraits of the identities the
+    split held out (``data.split.open_set_identities``) speaking held-out audio, generated and measured with
+    the main line's ``eval`` settings. ``eval.open_set``: no other stage lists it in dvc.yaml, so that
+    changing it re-runs only that stage."""
+
+    max_pairs: int = Field(8, ge=1, description="portrait x audio rows of data/split/open_set.parquet generated "
+                           "and measured (in portrait clip order)")
+    fid_real_frames: int = Field(200, ge=2, description="training frames in FID's real set (evenly spaced over the "
+                                 "train clips of data/features); the dlib descriptor costs ~0.15 s of CPU per frame")
+
+
+class TokenFiguresParams(Section):
+    """The lip-token heatmap and the t-SNE of expression tokens (Figure 6; dvc.yaml stage ``token_figures``;
+    ``eval.token_figures``)."""
+
+    heatmap_clips: int = Field(2, ge=1, description="test clips in the lip-token heatmap (regular clips first)")
+    heatmap_seconds: float = Field(4.0, gt=0, description="seconds of each heatmap clip shown (capped by the clip)")
+    tsne_frames_per_clip: int = Field(40, ge=1, description="frames per test / open-set clip (evenly spaced) whose "
+                                      "expression tokens enter the t-SNE")
+    tsne_perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity (lowered to n_points - 1 when fewer points)")
+
+
 class EvalParams(Section):
     steps: int = Field(10, ge=1, description="DDIM steps at generation")
     long_term_seconds: float = Field(8.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
@@ -275,27 +304,10 @@ class EvalParams(Section):
     # long-term curve (Figure 5) on the long_term-flagged test clips
     long_term_clips: int = Field(1, ge=0, description="long-term test clips generated (the curve is their mean); 0: no long-term curve (the alpha sweep's members)")
     long_term_every: int = Field(8, ge=1, description="long-term curve: one row per this many frames (SSIM averaged over them, identity on the first)")
-
-
-class OpenSetParams(Section):
-    """The open-set table (DECISIONS #23; dvc.yaml stage ``open_set``): portraits of the identities the
-    split held out (``split.open_set_identities``) speaking held-out audio, generated and measured with
-    the main line's ``eval`` settings. Its own section, so that changing it re-runs only that stage."""
-
-    max_pairs: int = Field(8, ge=1, description="portrait x audio rows of data/split/open_set.parquet generated "
-                           "and measured (in portrait clip order)")
-    fid_real_frames: int = Field(200, ge=2, description="training frames in FID's real set (evenly spaced over the "
-                                 "train clips of data/features); the dlib descriptor costs ~0.15 s of CPU per frame")
-
-
-class TokenFiguresParams(Section):
-    """The lip-token heatmap and the t-SNE of expression tokens (Figure 6; dvc.yaml stage ``token_figures``)."""
-
-    heatmap_clips: int = Field(2, ge=1, description="test clips in the lip-token heatmap (regular clips first)")
-    heatmap_seconds: float = Field(4.0, gt=0, description="seconds of each heatmap clip shown (capped by the clip)")
-    tsne_frames_per_clip: int = Field(40, ge=1, description="frames per test / open-set clip (evenly spaced) whose "
-                                      "expression tokens enter the t-SNE")
-    tsne_perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity (lowered to n_points - 1 when fewer points)")
+    # the stages beyond the main line (dvc.yaml stages open_set, token_figures); evaluate and the matrix
+    # list the keys above one by one, so changing these re-runs only their own stage
+    open_set: OpenSetParams = Field(default_factory=OpenSetParams)
+    token_figures: TokenFiguresParams = Field(default_factory=TokenFiguresParams)
 
 
 class AblationParams(Section):
@@ -354,15 +366,10 @@ class Params(Section):
     seed: int = 0
     data: DataParams = Field(default_factory=DataParams)
     sample: SampleParams = Field(default_factory=SampleParams)
-    quality: QualityParams = Field(default_factory=QualityParams)
-    syncnet: SyncNetParams = Field(default_factory=SyncNetParams)
-    split: SplitParams = Field(default_factory=SplitParams)
     base_models: BaseModelsParams = Field(default_factory=BaseModelsParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     eval: EvalParams = Field(default_factory=EvalParams)
-    open_set: OpenSetParams = Field(default_factory=OpenSetParams)
-    token_figures: TokenFiguresParams = Field(default_factory=TokenFiguresParams)
     ablations: AblationParams = Field(default_factory=AblationParams)
     sweep: SweepParams = Field(default_factory=SweepParams)
     registry: RegistryParams = Field(default_factory=RegistryParams)
@@ -380,6 +387,13 @@ class ParamsError(ValueError):
 
 PROFILES = ("default", "micro", "paper")
 
+# Sections that were top level before the params map of DECISIONS #18: an old params.yaml or profile
+# naming one stops with where it went (rather than pydantic's "unknown key").
+MOVED = {"quality": "data.quality", "syncnet": "data.syncnet", "split": "data.split",
+         "open_set": "eval.open_set", "token_figures": "eval.token_figures"}
+# The sub-sections of `data` that only the filter stages read (not a trained pipeline's clip format).
+DATA_FILTERS = ("quality", "syncnet", "split")
+
 
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -393,7 +407,17 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: {key}: {msg}{got_s}{more}"
 
 
+def _moved(raw: Any, source: str) -> Optional[str]:
+    moved = [k for k in MOVED if isinstance(raw, dict) and k in raw]
+    if not moved:
+        return None
+    return f"{source}: " + "; ".join(f"{k}: moved to {MOVED[k]}" for k in moved) + " (DECISIONS #18)"
+
+
 def validate(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    moved = _moved(raw, source)
+    if moved:
+        raise ParamsError(moved)
     try:
         return Params.model_validate(raw or {})
     except ValidationError as err:

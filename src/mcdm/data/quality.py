@@ -1,22 +1,22 @@
 """quality: a no-reference quality filter on each face clip.
 
-The default backend is ``classical`` (named so in every output). On up to ``quality.sample_frames``
+The default backend is ``classical`` (named so in every output). On up to ``data.quality.sample_frames``
 evenly spaced frames of the clip, over the smoothed FACE box in the source frames (the scene clip at
 its original resolution, so a low-resolution source is not hidden by the crop's resize):
 
-- resolution: the median source face side (``face_px`` from faces) >= ``quality.min_resolution``;
-- sharpness: variance of the 4-neighbour Laplacian of the face, resized to ``quality.analysis_px``
+- resolution: the median source face side (``face_px`` from faces) >= ``data.quality.min_resolution``;
+- sharpness: variance of the 4-neighbour Laplacian of the face, resized to ``data.quality.analysis_px``
   square (a fixed analysis size makes clips of any resolution comparable; an upscaled small or
-  blurred face scores low) >= ``quality.min_sharpness``;
+  blurred face scores low) >= ``data.quality.min_sharpness``;
 - exposure: mean BT.601 luma of the face in [``min_brightness``, ``max_brightness``];
 - blockiness: mean |horizontal / vertical step| across the 8x8 block boundaries of the source pixel
   grid divided by the mean step inside blocks (~1 for natural images, > 1 for visible JPEG/MPEG
-  blocks) <= ``quality.max_blockiness``.
+  blocks) <= ``data.quality.max_blockiness``.
 
-Each measure is the median over the sampled frames. ``quality.backend: hyperiqa`` adds a learned
-score from a local TorchScript export of HyperIQA (``quality.hyperiqa_path``: (N,3,224,224)
+Each measure is the median over the sampled frames. ``data.quality.backend: hyperiqa`` adds a learned
+score from a local TorchScript export of HyperIQA (``data.quality.hyperiqa_path``: (N,3,224,224)
 ImageNet-normalised RGB -> (N,) scores in [0, 100]); a clip then also needs a median score >=
-``quality.min_iqa_score``. Reject codes: ``low_resolution``, ``too_dark``, ``too_bright``, ``blurry``,
+``data.quality.min_iqa_score``. Reject codes: ``low_resolution``, ``too_dark``, ``too_bright``, ``blurry``,
 ``blocky``, ``low_iqa`` (the first failing one names the row; the detail lists every measure).
 
 Outputs: ``kept.parquet`` (faces columns + ``sharpness, brightness, blockiness, iqa_score,
@@ -102,7 +102,7 @@ class HyperIqa:
 
     def __init__(self, path: str | None):
         if not path or not Path(path).is_file():
-            raise McdmError(f"quality.backend is 'hyperiqa' but quality.hyperiqa_path {path!r} is not a file")
+            raise McdmError(f"data.quality.backend is 'hyperiqa' but data.quality.hyperiqa_path {path!r} is not a file")
         self.path = str(path)
 
     def score(self, regions: list[np.ndarray]) -> float:
@@ -122,7 +122,7 @@ class HyperIqa:
 # ------------------------------------------------------------------------------------------ clip
 def measure_clip(clip: dict, params: Params) -> dict:
     """Median measures over the sampled frames of one face clip."""
-    q, fps = params.quality, params.data.fps
+    q, fps = params.data.quality, params.data.fps
     boxes = np.load(clip["landmarks_path"])["boxes"]
     n = int(clip["n_frames"])
     picks = set(np.linspace(0, n - 1, min(q.sample_frames, n)).round().astype(int).tolist())
@@ -142,20 +142,20 @@ def measure_clip(clip: dict, params: Params) -> dict:
 
 def failures(clip: dict, m: dict, params: Params) -> list[tuple[str, str]]:
     """``(code, detail)`` for every threshold the clip misses, in reporting order."""
-    q = params.quality
+    q = params.data.quality
     out = []
     if clip["face_px"] < q.min_resolution:
-        out.append(("low_resolution", f"face {clip['face_px']:.0f} px < quality.min_resolution {q.min_resolution}"))
+        out.append(("low_resolution", f"face {clip['face_px']:.0f} px < data.quality.min_resolution {q.min_resolution}"))
     if m["brightness"] < q.min_brightness:
-        out.append(("too_dark", f"brightness {m['brightness']:.0f} < quality.min_brightness {q.min_brightness}"))
+        out.append(("too_dark", f"brightness {m['brightness']:.0f} < data.quality.min_brightness {q.min_brightness}"))
     if m["brightness"] > q.max_brightness:
-        out.append(("too_bright", f"brightness {m['brightness']:.0f} > quality.max_brightness {q.max_brightness}"))
+        out.append(("too_bright", f"brightness {m['brightness']:.0f} > data.quality.max_brightness {q.max_brightness}"))
     if m["sharpness"] < q.min_sharpness:
-        out.append(("blurry", f"sharpness {m['sharpness']:.1f} < quality.min_sharpness {q.min_sharpness}"))
+        out.append(("blurry", f"sharpness {m['sharpness']:.1f} < data.quality.min_sharpness {q.min_sharpness}"))
     if m["blockiness"] > q.max_blockiness:
-        out.append(("blocky", f"blockiness {m['blockiness']:.2f} > quality.max_blockiness {q.max_blockiness}"))
+        out.append(("blocky", f"blockiness {m['blockiness']:.2f} > data.quality.max_blockiness {q.max_blockiness}"))
     if q.backend == "hyperiqa" and not (m["iqa_score"] >= q.min_iqa_score):
-        out.append(("low_iqa", f"HyperIQA {m['iqa_score']:.1f} < quality.min_iqa_score {q.min_iqa_score}"))
+        out.append(("low_iqa", f"HyperIQA {m['iqa_score']:.1f} < data.quality.min_iqa_score {q.min_iqa_score}"))
     return out
 
 
@@ -177,9 +177,9 @@ def quality(faces_path: str | os.PathLike, out_dir: str | os.PathLike, params: P
     """Measure and filter every face clip; write ``kept.parquet``, ``scores.parquet`` + rejects."""
     started = time.perf_counter()
     workers = workers or stage_workers(params.data.workers, params.data.dask_address, multithreaded=True)
-    backend = params.quality.backend
+    backend = params.data.quality.backend
     if backend == "hyperiqa":
-        HyperIqa(params.quality.hyperiqa_path)  # a missing file stops here with one line
+        HyperIqa(params.data.quality.hyperiqa_path)  # a missing file stops here with one line
     table = read_table(faces_path, "faces")
     items = table.to_dict("records")
     results = map_videos(partial(check_clip, params=params), items, workers, params.data.dask_address,

@@ -290,7 +290,7 @@ def data_report(stage_dirs, kept_path, out_dir, params: Params, source=None, man
             clip_paths.update(dict(zip(t["clip_id"], t[col])))
     contact_sheet(kept, rejects, out_dir / "data_contact_sheet.png", clip_paths=clip_paths, source=source)
 
-    report: dict = {"stages": {}, "quality_backend": params.quality.backend, "face_detector": params.data.face_detector}
+    report: dict = {"stages": {}, "quality_backend": params.data.quality.backend, "face_detector": params.data.face_detector}
     import json
 
     for d in stage_dirs:

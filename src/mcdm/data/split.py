@@ -4,9 +4,9 @@ Groups: ``source_id`` is the identity for the sample data (several joined with `
 holding two people, e.g. both sides of a scene cut) and per-identity folders, else the source video.
 Source ids sharing an identity are one group (connected components), so no identity, and therefore
 no source video, is ever on two sides. Every group gets a fixed pseudo-random rank,
-``sha256(f"{split.seed}:{group}")``, independent of row order and of the training seed.
+``sha256(f"{data.split.seed}:{group}")``, independent of row order and of the training seed.
 
-- ``open_set.parquet``: the ``split.open_set_identities`` lowest-ranked groups (never one holding a
+- ``open_set.parquet``: the ``data.split.open_set_identities`` lowest-ranked groups (never one holding a
   long-term video) are held out ENTIRELY, in neither train nor test: the paper's open-set test of
   unseen portraits. Each of their clips is a portrait row (all its columns) paired with one
   held-out audio clip from ``test``: ``audio_clip_id, audio_path, audio_language,
@@ -15,7 +15,7 @@ no source video, is ever on two sides. Every group gets a fixed pseudo-random ra
 - ``test.parquet``: every long-term clip (a whole video, kept for the long-term curve, never cut;
   its identity may also be seen in training, as in a split by video: the unseen-identity test is
   the open set), plus the regular clips of groups taken in rank order until at least
-  ``split.test_fraction`` of the regular (non-long-term, non-open-set) clips are test.
+  ``data.split.test_fraction`` of the regular (non-long-term, non-open-set) clips are test.
 - ``train.parquet``: the regular clips of all other groups. At least one group on each side.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def identity_groups(source_ids) -> dict[str, str]:
 
 def split_clips(clips: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``(train, test, open_set)`` as described in the module docstring."""
-    sp = params.split
+    sp = params.data.split
     clips = clips.copy()
     if "long_term" not in clips:
         clips["long_term"] = False
@@ -80,7 +80,7 @@ def split_clips(clips: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.D
     if len(free) < n_open or len(rest) < 2:
         raise McdmError(
             f"{STAGE}: {len(ranked)} source groups ({len(long_groups)} with long-term videos) cannot give "
-            f"split.open_set_identities={n_open} held-out groups plus a train and a test group"
+            f"data.split.open_set_identities={n_open} held-out groups plus a train and a test group"
         )
     regular = ~group.isin(open_groups) & ~clips["long_term"]
     target = max(1, math.ceil(sp.test_fraction * int(regular.sum())))

@@ -5,8 +5,8 @@ weights it converted) scores the face crop against its own audio with the standa
 (``mcdm.sync.evaluate.sync_scores``, the same code as the Sync-C / Sync-D metrics):
 
 - ``av_offset`` (frames; negative = audio lags video), ``sync_conf`` (Sync-C), ``sync_dist`` (Sync-D);
-- rejected when ``|av_offset| > syncnet.max_abs_offset`` (``av_offset``) or ``sync_conf`` is below
-  ``syncnet.min_confidence`` (``min_confidence_official`` for the official network) (``low_sync_conf``);
+- rejected when ``|av_offset| > data.syncnet.max_abs_offset`` (``av_offset``) or ``sync_conf`` is below
+  ``data.syncnet.min_confidence`` (``min_confidence_official`` for the official network) (``low_sync_conf``);
   an unreadable or too-short clip is a reject too, never a silent loss.
 
 Outputs: ``<out>/kept.parquet`` (quality columns + ``av_offset, sync_conf, sync_dist``),
@@ -59,7 +59,7 @@ def score_clip(row: dict, model_path: str, max_offset: int, threads: int = 0) ->
 
 
 def min_confidence(params: Params, model) -> float:
-    sp = params.syncnet
+    sp = params.data.syncnet
     return sp.min_confidence_official if isinstance(model, OfficialSyncNet) else sp.min_confidence
 
 
@@ -67,7 +67,7 @@ def sync_filter(clips: pd.DataFrame, model_path: str | os.PathLike, params: Para
                 out_dir: str | os.PathLike) -> StageSummary:
     """Score every clip, write kept / rejects / scores under ``out_dir``; return the summary."""
     started = time.perf_counter()
-    sp = params.syncnet
+    sp = params.data.syncnet
     model = load_syncnet(model_path)  # fail early, in this process, on a missing or bad model
     conf_cut = min_confidence(params, model)
     workers = stage_workers(params.data.workers, params.data.dask_address, multithreaded=True)

@@ -495,7 +495,7 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     pipe.check_variant(params.variant)
     if syncnet is not None and not Path(syncnet).exists():
         raise MissingStageOutput(syncnet, "syncnet_train")
-    suite = M.MetricSuite(p, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.syncnet.max_offset)
+    suite = M.MetricSuite(p, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
 
     # 1. generate the test clips
     gen = generate_test_set(pipe, clips, params, progress)

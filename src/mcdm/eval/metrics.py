@@ -358,7 +358,7 @@ class MetricSuite:
     networks; otherwise the labelled dlib fallbacks run. FID, E-FID and identity use every
     ``frame_stride``-th frame; FVD and SSIM use every frame. ``fps``: the videos' frame rate
     (``data.fps``), the time unit of the FVD fallback's motion features; ``sync_max_offset``:
-    ``syncnet.max_offset``; ``syncnet``: a SyncNet or its path. One ``DlibFrameFeatures``
+    ``data.syncnet.max_offset``; ``syncnet``: a SyncNet or its path. One ``DlibFrameFeatures``
     cache is shared by every metric and every call, so each distinct frame is analysed once per run.
     """
 

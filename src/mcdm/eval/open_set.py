@@ -2,9 +2,9 @@
 DECISIONS #23).
 
 Pairs. ``data/split/open_set.parquet`` holds every clip of the identities the split kept out of
-training AND test (``split.open_set_identities``), each paired with one held-out audio clip of the
+training AND test (``data.split.open_set_identities``), each paired with one held-out audio clip of the
 test split, of another language where there is one (``audio_language``, ``cross_language``; see
-``mcdm.data.split``). The first ``open_set.max_pairs`` pairs by portrait clip id are used.
+``mcdm.data.split``). The first ``eval.open_set.max_pairs`` pairs by portrait clip id are used.
 
 Inputs come from ``data/features``, which featurises the open-set clips too, so no video is decoded:
 the portrait is frame 0 of the portrait clip's crop with its landmarks (the reference ``evaluate``
@@ -27,7 +27,7 @@ reason (``*_error``), like evaluate's ``_guard``:
 * FID per audio language and overall (a set statistic, not a row's): Fréchet distance
   ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))`` between the features (dlib descriptor
   fallback, or Inception with ``eval.inception_path``) of the generated frames (every
-  ``frame_stride``-th) and of ``open_set.fid_real_frames`` TRAINING frames, evenly spaced over the
+  ``frame_stride``-th) and of ``eval.open_set.fid_real_frames`` TRAINING frames, evenly spaced over the
   train clips: how far videos of unseen faces are from the training distribution.
 
 Aggregation (``summarise``): per audio language and over all pairs, each row metric's mean over the
@@ -236,7 +236,7 @@ def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str |
 
     started = time.perf_counter()
     available = read_pairs(pairs_path)
-    pairs = available.head(params.open_set.max_pairs)
+    pairs = available.head(params.eval.open_set.max_pairs)
     index = read_index(features_dir)
     files = dict(zip(index["clip_id"].astype(str), index["file"]))
     if not Path(syncnet).exists():
@@ -244,7 +244,7 @@ def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str |
     if pipe is None:
         pipe = MCDMPipeline.from_models_dir(models_dir, params)
     pipe.check_variant(params.variant)
-    suite = M.MetricSuite(params.eval, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.syncnet.max_offset)
+    suite = M.MetricSuite(params.eval, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
 
     # 1. inputs: a pair whose clips cannot be read is a row of nulls with the reason
     rows, inputs = [], []
@@ -266,7 +266,7 @@ def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str |
     real = real_error = None
     real_clips: list[str] = []
     try:
-        real, real_clips = training_frames(index, params.open_set.fid_real_frames)
+        real, real_clips = training_frames(index, params.eval.open_set.fid_real_frames)
     except McdmError as err:
         real_error = str(err)
     by_group: dict[str, list[np.ndarray]] = {ALL: list(videos)}

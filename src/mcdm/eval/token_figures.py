@@ -1,8 +1,8 @@
 """token_figures: what the motion tokens look like. Beyond the paper, a lip-token heatmap; the paper's
 Figure 6, a t-SNE of expression tokens (DECISIONS #23).
 
-1. Lip-token heatmap. On the first ``token_figures.heatmap_clips`` test clips (regular clips first, the
-   order ``evaluate`` picks them in), over the first ``token_figures.heatmap_seconds``:
+1. Lip-token heatmap. On the first ``eval.token_figures.heatmap_clips`` test clips (regular clips first, the
+   order ``evaluate`` picks them in), over the first ``eval.token_figures.heatmap_seconds``:
 
    * sampled: the present-clip motion prior's lip tokens, sampled clip after clip of
      ``model.clip_frames`` frames (``model.prior_inference_steps`` DDIM steps, generator seeded with
@@ -19,7 +19,7 @@ Figure 6, a t-SNE of expression tokens (DECISIONS #23).
    ``L_f = 20 log10(sqrt(mean x_t^2) + 1e-5)`` dBFS (digital silence: -100).
 
 2. t-SNE of expression tokens. For every test and open-set clip of ``data/features``,
-   ``token_figures.tsne_frames_per_clip`` evenly spaced frames' expression tokens
+   ``eval.token_figures.tsne_frames_per_clip`` evenly spaced frames' expression tokens
    (``ExpressionEncoder.encode_clip`` of the clip's pose-normalised landmark offsets, whose neutral
    face is the clip's median: expression, not face shape), embedded in 2-D by scikit-learn's ``TSNE``
    (``random_state = seed``, PCA initialisation, perplexity ``min(tsne_perplexity, n_points - 1)``);
@@ -217,7 +217,7 @@ def plot_tsne(table: pd.DataFrame, perplexity: float, path: str | Path) -> Path:
 def lip_panels(clips: pd.DataFrame, prior, lip_encoder, params: Params) -> list[LipPanel]:
     """The heatmap's clips: loudness, sampled and ground-truth lip tokens over the first seconds."""
     fps, rate = params.data.fps, params.data.audio_rate
-    limit = max(1, int(round(params.token_figures.heatmap_seconds * fps)))
+    limit = max(1, int(round(params.eval.token_figures.heatmap_seconds * fps)))
     generator = torch.Generator().manual_seed(params.seed)
     panels = []
     for row in clips.to_dict("records"):
@@ -258,7 +258,7 @@ def token_figures(features_dir: str | Path, motion_prior_dir: str | Path, motion
     from mcdm.models.encoders import MotionEncoders
 
     started = time.perf_counter()
-    tf = params.token_figures
+    tf = params.eval.token_figures
     index = read_index(features_dir)
     encoders = MotionEncoders.load(motion_encoders_dir)
     prior = load_motion_prior(motion_prior_dir, params.variant)

@@ -40,7 +40,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from einops import rearrange, repeat
 
-from mcdm.config import DataParams, Params
+from mcdm.config import DATA_FILTERS, DataParams, Params
 from mcdm.errors import McdmError, MissingStageOutput
 from mcdm.models.frame_noise import frame_correlated_noise
 
@@ -163,7 +163,7 @@ class MCDMPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, denoiser=denoiser, scheduler=scheduler, motion_prior=motion_prior,
                               audio_tokens=audio_tokens, landmark_guider=landmark_guider, head_encoder=head_encoder,
                               audio_encoder=audio_encoder, image_encoder=image_encoder)
-        self.register_to_config(data=dict(data or DataParams().model_dump(mode="json")), clip_frames=int(clip_frames),
+        self.register_to_config(data=dict(data or clip_format(DataParams())), clip_frames=int(clip_frames),
                                 prior_steps=int(prior_steps), audio_window=int(audio_window),
                                 default_steps=int(default_steps), frame_noise_correlation=float(frame_noise_correlation),
                                 audio_backend=audio_backend,
@@ -664,9 +664,15 @@ class MCDMPipeline(DiffusionPipeline):
         return pipe
 
 
+def clip_format(data: DataParams) -> dict:
+    """The ``data`` keys a pipeline keeps: the clip format, not the data filters (``data.quality``,
+    ``data.syncnet``, ``data.split``), which generation never reads."""
+    return data.model_dump(mode="json", exclude=set(DATA_FILTERS))
+
+
 def pipeline_config(params: Params, audio_backend: str = "logmel", image_backend: str = "dlib+vae") -> dict:
     """The pipeline's non-network config from the params the models were trained with."""
-    return dict(data=params.data.model_dump(mode="json"), clip_frames=params.model.clip_frames,
+    return dict(data=clip_format(params.data), clip_frames=params.model.clip_frames,
                 prior_steps=params.model.prior_inference_steps, audio_window=params.model.audio_window,
                 default_steps=params.eval.steps, frame_noise_correlation=params.model.frame_noise_correlation,
                 audio_backend=audio_backend, image_backend=image_backend)

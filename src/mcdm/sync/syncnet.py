@@ -163,14 +163,14 @@ class OfficialSyncNet(ModelMixin, ConfigMixin):
         """
         path = Path(path)
         if not path.is_file():
-            raise McdmError(f"syncnet.weights: {path}: no such file")
+            raise McdmError(f"data.syncnet.weights: {path}: no such file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-            raise McdmError(f"syncnet.weights: {path}: cannot load with weights_only=True: "
+            raise McdmError(f"data.syncnet.weights: {path}: cannot load with weights_only=True: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
         if not isinstance(state, dict):
-            raise McdmError(f"syncnet.weights: {path}: expected a state dict, found {type(state).__name__}")
+            raise McdmError(f"data.syncnet.weights: {path}: expected a state dict, found {type(state).__name__}")
         state = {k.removeprefix("__S__."): v for k, v in state.items()}
         model = cls()
         own = model.state_dict()
@@ -178,7 +178,7 @@ class OfficialSyncNet(ModelMixin, ConfigMixin):
         missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
         wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
         if unexpected or missing or wrong:
-            raise McdmError(f"syncnet.weights: {path}: not the official SyncNet layout "
+            raise McdmError(f"data.syncnet.weights: {path}: not the official SyncNet layout "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
         for name in set(own) - set(state):  # num_batches_tracked only
             state[name] = own[name]

@@ -289,8 +289,8 @@ def _save_model(model, out_dir: Path) -> None:
 def run_syncnet_train(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params,
                       manifest_path: str | os.PathLike | None = None) -> dict:
     """The ``syncnet_train`` stage: train on the face-filtered clips (or convert the official weights
-    given by ``syncnet.weights``), save ``save_pretrained`` + ``metrics.json`` + ``heldout_offsets.csv``."""
-    sp = params.syncnet
+    given by ``data.syncnet.weights``), save ``save_pretrained`` + ``metrics.json`` + ``heldout_offsets.csv``."""
+    sp = params.data.syncnet
     clips = read_table(clips_path, "quality")
     if len(clips) == 0:
         raise McdmError(f"syncnet_train: {clips_path} has no clips")
