@@ -137,7 +137,10 @@ def hand_made(tmp_path):
     _write(reports / "ablations" / "stale-s9" / "metrics.json", _member("wo_fa", 9))
     main = _member("full", 0)
     main.pop("member")
-    main.update(fid=9.0, checks={"fvd_beats_static_reference": True}, baselines={"static_reference": {"fid": 50.0}},
+    parts = {"appearance": 0.2, "motion": 2.1, "mean_signals": 0.03, "frame_change": 0.4}
+    main.update({f"fvd_part_{k}": v for k, v in parts.items()})
+    main.update(fid=9.0, checks={"fvd_beats_static_reference": True},
+                baselines={"static_reference": {"fid": 50.0, "fvd_part_motion": 3.9}},
                 long_term={"seconds": 4.0, "clips": ["c"], "ssim_first": 0.5, "ssim_last": 0.4, "identity_drift": 0.01})
     _write(reports / "metrics.json", main)
     _write(reports / "train_stage1.json", {"stage": 1, "variant": "full", "steps": 8, "loss_first10": 0.9,
@@ -180,6 +183,8 @@ def test_report_lists_missing_inputs_and_invents_nothing(hand_made):
     assert "stale-s9" in text and "ignored" in text  # a folder outside the matrix is not averaged in
     assert "| FID (↓) | 9 | `backend-fid` | 50 | n/a | n/a | 42.08 |" in text  # static, autoencoder, ground truth, paper
     assert "params hash `hash-full-s0`" in text
+    # the FVD fallback by part, ours beside the baselines' (what a baseline lacks is n/a)
+    assert "| motion | 2.1 | 3.9 | n/a |" in text and "| frame change | 0.4 | n/a | n/a |" in text
     assert "ours 0.6 at alpha 0.1 -> 0.3 at alpha 0.9, falls at every step" in text
     wo_mta_ssim = np.mean([0.5 - 0.13, 0.5 - 0.14])
     assert f"wo_mta level (mean of the wo_mta members): SSIM {report.fmt(wo_mta_ssim)}" in text

@@ -326,9 +326,11 @@ class AblationParams(Section):
         "retrains (at least 1 step); `full` members too, so a `full` member is NOT the main line (0.1 at the embedded "
         "default so that 17 members fit the 40-minute `make run`; stage 1 starts from the reference-token warm start)")
     eval: dict[str, Any] = Field(
-        default_factory=lambda: {"max_test_clips": 2, "clip_seconds": 1.0, "long_term_seconds": 3.0},
+        default_factory=lambda: {"max_test_clips": 2, "clip_seconds": 1.0, "long_term_seconds": 3.0,
+                                 "fvd_clip_frames": 8},
         description="`eval` keys a member evaluates with instead of the main line's (fewer, shorter test clips: "
-        "every member is measured alike, the main line as `eval` says)")
+        "every member is measured alike, the main line as `eval` says; FVD over 8-frame clips, so that 1 s test "
+        "clips give 3 FVD clips each instead of 1: members' FVD is comparable between members, not with the main line's)")
 
     @field_validator("eval")
     @classmethod

@@ -372,6 +372,7 @@ def main_line_section(main: Optional[dict], data: Optional[dict]) -> list[str]:
               "denoiser that reproduced the ground truth's latents exactly would score (every generated frame is a "
               "VAE decode). Where the model is at this column (within sampling noise) and the column is far from "
               "ground truth, the VAE, not the diffusion model, is the limit."]
+    lines += fvd_parts_lines(main, {"static reference": base, "autoencoder ceiling": auto})
     errors = [str(main[m.key + "_error"]) for m in (*METRICS, IDENTITY) if main.get(m.key + "_error")]
     lines += ["", f"Produced by params hash `{main.get('params_hash')}` (variant {main.get('variant')}, alpha "
               f"{fmt(main.get('alpha'))}, {fmt(main.get('steps'))} DDIM steps, {fmt(main.get('n_clips'))} test clips, "
@@ -391,6 +392,23 @@ def main_line_section(main: Optional[dict], data: Optional[dict]) -> list[str]:
         lines += [f"- {k}: {fmt(v) if v is not None else 'n/a (metric missing)'}" for k, v in checks.items()]
         lines.append("")
     return lines
+
+
+FVD_PARTS = ("appearance", "motion", "mean_signals", "frame_change")
+
+
+def fvd_parts_lines(main: dict, others: dict[str, dict]) -> list[str]:
+    """The FVD fallback's distance on each part of its features (``fvd_part_*``), ours beside the
+    baselines': whether a value comes from how the frames look or how they move."""
+    if main.get("fvd_part_motion") is None:
+        return []
+    rows = [[part.replace("_", " "), fmt(main.get(f"fvd_part_{part}")),
+             *[fmt(o.get(f"fvd_part_{part}")) for o in others.values()]] for part in FVD_PARTS]
+    return ["", "The FVD fallback on each part of its clip features (Fréchet distance of that part alone; "
+            "the parts correlate, so they do not add up to the whole): appearance = the face descriptor's mean "
+            "and std over the clip, motion = spectra of landmark velocities, mean signals = the clip's mean "
+            "pose and expression, frame change = spectrum of the frame-to-frame pixel change (flicker).", "",
+            md_table(["FVD part", "ours", *others], rows)]
 
 
 def data_clips(data: Optional[dict]) -> Optional[str]:
@@ -595,7 +613,9 @@ def write_report(params: Params, metrics: str | Path, members_dir: str | Path, t
     lines.append("")
     lines += main_line_section(main, data_report)
     lines += ["## Ablations and variants (Tables 4-5)", "", f"Full tables: [ablations.md](ablations.md), "
-              "[ablations.csv](ablations.csv).", ""]
+              "[ablations.csv](ablations.csv). Members are evaluated with "
+              f"`{json.dumps(params.ablations.eval)}` over the main line's eval settings (`ablations.eval`), so their "
+              "numbers compare with each other, not with the main line's.", ""]
     if rows:
         table = [[r["variant"], *[f"{fmt_mean_std(r[f'{m.key}_mean'], r[f'{m.key}_std'])} / {fmt(r.get(f'paper_{m.key}'))}"
                                   for m in METRICS]] for r in rows]
