@@ -238,6 +238,9 @@ class Deep3DExpression(TorchScriptDetector):
 # dlib per-frame analysis, cached by frame content
 
 
+DESCRIPTOR_DIM = 128  # dlib's ResNet face descriptor
+
+
 @dataclass
 class FrameFace:
     found: bool
@@ -305,7 +308,7 @@ class DlibFrameFeatures:
     def descriptors(self, frames, desc: str = "dlib descriptors") -> np.ndarray:
         """(N, 128) float64 face descriptors; NaN rows where no face was found."""
         frames = as_frames(frames)
-        out = np.full((len(frames), 128), np.nan)
+        out = np.full((len(frames), DESCRIPTOR_DIM), np.nan)
         for i, frame in enumerate(self._each(frames, desc)):
             face = self.analyse(frame)
             if not face.found:
@@ -514,16 +517,18 @@ def clip_dynamics(frames: np.ndarray, signals: np.ndarray, descriptors: np.ndarr
     return np.concatenate([appearance, motion.ravel(), signals.mean(axis=0), energy_spectrum])
 
 
+CLIP_DYNAMICS_PARTS = ("appearance", "motion", "mean_signals", "frame_change")
+
+
 def clip_dynamics_parts(clip_frames: int) -> dict[str, slice]:
-    """Where each part of ``clip_dynamics``'s vector lies for ``clip_frames``-frame clips: appearance
-    (descriptor mean and std), motion (velocity spectra), mean_signals, frame_change (spectrum of the
-    frame-difference energy). The FVD fallback reports its Fréchet distance on each part beside the
-    whole, so a value can be read as "looks wrong" or "moves wrong"."""
+    """Where each of ``CLIP_DYNAMICS_PARTS`` lies in ``clip_dynamics``'s vector for ``clip_frames``-frame
+    clips: appearance (descriptor mean and std), motion (velocity spectra), mean_signals, frame_change
+    (spectrum of the frame-difference energy). The FVD fallback reports its Fréchet distance on each
+    part beside the whole, so a value can be read as "looks wrong" or "moves wrong"."""
     bins = (clip_frames - 1) // 2 + 1  # rfft of the T - 1 frame-to-frame steps
-    motion_end = 256 + bins * len(SIGNALS)
-    means_end = motion_end + len(SIGNALS)
-    return {"appearance": slice(0, 256), "motion": slice(256, motion_end), "mean_signals": slice(motion_end, means_end),
-            "frame_change": slice(means_end, means_end + bins)}
+    sizes = (2 * DESCRIPTOR_DIM, bins * len(SIGNALS), len(SIGNALS), bins)
+    ends = np.cumsum(sizes)
+    return {part: slice(int(end - size), int(end)) for part, size, end in zip(CLIP_DYNAMICS_PARTS, sizes, ends)}
 
 
 class DynamicsVideoFeatures:

@@ -394,16 +394,14 @@ def main_line_section(main: Optional[dict], data: Optional[dict]) -> list[str]:
     return lines
 
 
-FVD_PARTS = ("appearance", "motion", "mean_signals", "frame_change")
-
-
 def fvd_parts_lines(main: dict, others: dict[str, dict]) -> list[str]:
     """The FVD fallback's distance on each part of its features (``fvd_part_*``), ours beside the
     baselines': whether a value comes from how the frames look or how they move."""
-    if main.get("fvd_part_motion") is None:
+    parts = [key for key in main if key.startswith("fvd_part_")]  # in the order metrics.fvd wrote them
+    if not parts:
         return []
-    rows = [[part.replace("_", " "), fmt(main.get(f"fvd_part_{part}")),
-             *[fmt(o.get(f"fvd_part_{part}")) for o in others.values()]] for part in FVD_PARTS]
+    rows = [[key.removeprefix("fvd_part_").replace("_", " "), fmt(main.get(key)),
+             *[fmt(o.get(key)) for o in others.values()]] for key in parts]
     return ["", "The FVD fallback on each part of its clip features (Fréchet distance of that part alone; "
             "the parts correlate, so they do not add up to the whole): appearance = the face descriptor's mean "
             "and std over the clip, motion = spectra of landmark velocities, mean signals = the clip's mean "
