@@ -93,9 +93,9 @@ def worker(args) -> dict:
     import skimage.data
     import torch
 
-    from mcdm.data.io import write_video
-    from mcdm.models.pipeline import build_untrained_pipeline
-    from mcdm.models.pipeline_inputs import crop_portrait
+    from mcdm.media.io import write_video
+    from mcdm.pipelines.mcdm import build_untrained_pipeline
+    from mcdm.pipelines.preprocessing import crop_portrait
 
     torch.set_num_threads(args.threads)
     params = _load_params(args.params)

@@ -111,7 +111,7 @@ def _overrides(alpha: Optional[float], variant: Optional[str], overrides: Option
 def _open_parent_run(project_dir: Path, flow_name: str) -> Optional[str]:
     """An MLflow parent run for this flow execution, when mcdm's tracking module is available."""
     try:
-        from mcdm.tracking import start_parent_run  # noqa: WPS433 (optional until tracking lands)
+        from mcdm.tracking.runs import start_parent_run  # noqa: WPS433 (optional until tracking lands)
     except ImportError:
         return None
     return start_parent_run(project_dir, flow_name)

@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mcdm import tracking
+from mcdm.tracking import runs as tracking
 from mcdm.config import Params, load_params
-from mcdm.eval import ablate, report
+from mcdm.eval import report
+from mcdm.experiments import ablate
 from mcdm.train.stages import SHARED_STAGE1
 
 

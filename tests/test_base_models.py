@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mcdm.base import loading
-from mcdm.base.ref_tokens import ReferenceTokens
-from mcdm.base.unet_pretrain import SD15_SCHEDULER, make_scheduler, tiny_unet_config, train_unet
-from mcdm.base.vae import (
+from mcdm.pipelines import base_loading as loading
+from mcdm.models.reference_tokens import ReferenceTokens
+from mcdm.train.base_models.unet import SD15_SCHEDULER, make_scheduler, tiny_unet_config, train_unet
+from mcdm.train.base_models.vae import (
     VaePsnrNotReached,
     encode_latents,
     psnr,
@@ -185,7 +185,7 @@ def test_missing_stage_output_names_the_stage(tmp_path):
 def test_given_unet_must_fit_the_vae_and_the_prior_width():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from mcdm.base.pretrain import check_unet_fits
+    from mcdm.train.base_models.pretrain import check_unet_fits
 
     params = tiny_params()
     vae = AutoencoderKL(**tiny_vae_config(params.base_models, 64))

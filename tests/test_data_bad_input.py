@@ -17,7 +17,7 @@ import pytest
 from mcdm.cli import main
 from mcdm.data.faces import faces
 from mcdm.data.ingest import ingest
-from mcdm.data.io import probe, read_audio
+from mcdm.media.io import probe, read_audio
 from mcdm.data.rejects import reason_code
 from mcdm.data.scenes import scenes
 from mcdm.errors import McdmError

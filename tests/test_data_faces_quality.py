@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from mcdm.data.dlib_face import DlibFace, Face
+from mcdm.face.dlib import DlibFace, Face
 from mcdm.data.faces import (
     ScrfdDetector,
     Sample,
@@ -23,7 +23,7 @@ from mcdm.data.faces import (
     faces,
     to_crop_coords,
 )
-from mcdm.data.io import read_frames
+from mcdm.media.io import read_frames
 from mcdm.data.quality import blockiness, failures, luma, quality, sharpness
 from mcdm.data.rejects import reason_clip, reason_code
 from mcdm.errors import McdmError

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from mcdm.config import Params
-from mcdm.data.io import probe, read_audio, read_frames
+from mcdm.media.io import probe, read_audio, read_frames
 from mcdm.data.ingest import ingest, list_source, safe_id
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import reason_code

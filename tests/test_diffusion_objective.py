@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mcdm.base.unet_pretrain import make_scheduler
+from mcdm.train.base_models.unet import make_scheduler
 from mcdm.models.diffusion_objective import denoising_mse, min_snr_weight, predicted_x0, training_target
 
 

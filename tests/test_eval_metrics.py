@@ -338,7 +338,7 @@ def test_torchscript_backends_load_from_path_and_follow_call_conventions(tmp_pat
 
 
 def test_sync_adapter_wraps_mcdm_sync():
-    from mcdm.sync.syncnet import SyncNet
+    from mcdm.models.sync.syncnet import SyncNet
 
     torch.manual_seed(0)
     model = SyncNet().eval()

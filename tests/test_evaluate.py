@@ -18,10 +18,10 @@ from safetensors.torch import save_file
 
 from mcdm import cli
 from mcdm.config import Params, dump_params
-from mcdm.data.io import probe
+from mcdm.media.io import probe
 from mcdm.eval.features import DlibFrameFeatures
-from mcdm.models.pipeline import MCDMPipeline, build_untrained_pipeline
-from mcdm.sync.syncnet import SyncNet
+from mcdm.pipelines.mcdm import MCDMPipeline, build_untrained_pipeline
+from mcdm.models.sync.syncnet import SyncNet
 
 SIDE, FPS, RATE = 64, 25.0, 16000
 TINY = dict(

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mcdm.base import loading
-from mcdm.base.pretrain import build_base_models
+from mcdm.pipelines import base_loading as loading
+from mcdm.train.base_models.pretrain import build_base_models
 from mcdm.config import Params
 from mcdm.errors import McdmError
 
@@ -35,8 +35,8 @@ def make_crop_clips(root: Path, n_clips: int, n_frames: int = T, seed: int = 0) 
     landmark npz files (dlib landmarks of the photo, moved with the crop)."""
     import cv2
 
-    from mcdm.data.dlib_face import DlibFace
-    from mcdm.data.io import write_video
+    from mcdm.face.dlib import DlibFace
+    from mcdm.media.io import write_video
 
     rng = np.random.default_rng(seed)
     face = DlibFace()
@@ -156,8 +156,8 @@ def test_psnr_gate_failure_stops_the_stage_in_one_line(clips, tmp_path):
 def test_feature_files_hold_aligned_arrays(clips, base_dir, features_dir):
     from safetensors.torch import load_file
 
-    from mcdm.base.vae import to_model_range
-    from mcdm.data.io import read_audio, read_frames
+    from mcdm.train.base_models.vae import to_model_range
+    from mcdm.media.io import read_audio, read_frames
 
     index = pd.read_parquet(features_dir / "index.parquet")
     assert set(index["clip_id"]) == set(clips["table"].iloc[[0, 1, 2, 3, 5]]["clip_id"])
@@ -248,8 +248,8 @@ def test_given_weights_are_loaded_resaved_and_used(clips, tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Wav2Vec2Config, Wav2Vec2Model
 
-    from mcdm.base.unet_pretrain import tiny_unet_config
-    from mcdm.base.vae import tiny_vae_config
+    from mcdm.train.base_models.unet import tiny_unet_config
+    from mcdm.train.base_models.vae import tiny_vae_config
     from mcdm.data.features import features
 
     params = tiny_params()

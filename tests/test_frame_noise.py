@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from mcdm.base.unet_pretrain import make_scheduler
+from mcdm.train.base_models.unet import make_scheduler
 from mcdm.errors import McdmError
 from mcdm.models.frame_noise import frame_correlated_noise
 from mcdm.train.stages import diffusion_mse

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mcdm.data import io
+from mcdm.media import io
 
 
 def _frames(n, h=48, w=64):

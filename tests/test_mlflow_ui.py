@@ -38,7 +38,7 @@ def _short_training_run(project: Path) -> tuple[str, list[str]]:
     from diffusers.configuration_utils import register_to_config
 
     from mcdm.config import Params
-    from mcdm.tracking import register_stage_model, stage_run, start_parent_run
+    from mcdm.tracking.runs import register_stage_model, stage_run, start_parent_run
 
     class Toy(ModelMixin, ConfigMixin):
         @register_to_config

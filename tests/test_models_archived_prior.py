@@ -116,7 +116,7 @@ def test_bad_shapes_are_one_line_errors(prior):
 
 
 def _trained_like_reference_tokens(dim: int = D):
-    from mcdm.base.ref_tokens import ReferenceTokens
+    from mcdm.models.reference_tokens import ReferenceTokens
 
     torch.manual_seed(3)
     tokens = ReferenceTokens(latent_channels=C, sample_size=H, patch_size=PATCH, dim=dim).eval()

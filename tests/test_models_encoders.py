@@ -104,7 +104,7 @@ def test_dlib_vae_identity_concatenates_descriptor_and_pooled_latent(tmp_path):
     img = data.astronaut()[60:200, 150:290]  # the face
     emb = backend(np.ascontiguousarray(img))
     assert backend.name == "dlib+vae" and emb.shape == (128 + 16,) == (backend.dim,)
-    from mcdm.data.dlib_face import DlibFace
+    from mcdm.face.dlib import DlibFace
 
     np.testing.assert_allclose(emb[:128], DlibFace().descriptor(np.ascontiguousarray(img)), atol=1e-5)
     with pytest.raises(McdmError, match="no face"):

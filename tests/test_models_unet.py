@@ -209,7 +209,7 @@ def test_warm_started_denoiser_reads_what_the_base_unet_was_pretrained_on(sd_une
     """Stage 1's start (model.archived_prior_init: reference_tokens): every archived frame is the
     reference at the first clip, and the denoiser then predicts what the base UNet predicts for each
     frame given the base reference tokens of the reference (DECISIONS #1's pretraining condition)."""
-    from mcdm.base.ref_tokens import ReferenceTokens
+    from mcdm.models.reference_tokens import ReferenceTokens
     from mcdm.models.variants import MCDMDenoiser
 
     torch.manual_seed(2)

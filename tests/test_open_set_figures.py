@@ -97,7 +97,7 @@ def test_pair_inputs_come_from_the_feature_files(tmp_path):
 
 
 def test_pair_inputs_of_rejected_clips_read_the_crop_and_audio(tmp_path):
-    from mcdm.data.io import write_video
+    from mcdm.media.io import write_video
 
     crop = tmp_path / "crop.mp4"
     frames = np.full((10, 64, 64, 3), 128, np.uint8)
@@ -272,7 +272,7 @@ def test_micro_open_set_table_and_summary(micro_pipeline):
 def test_micro_open_set_is_logged_to_mlflow_and_on_the_registered_version(micro_pipeline):
     from mlflow import MlflowClient
 
-    from mcdm import tracking
+    from mcdm.tracking import runs as tracking
 
     params = load_params(micro_pipeline / "params.yaml")
     summary = json.loads((micro_pipeline / "reports" / "open_set.json").read_text())

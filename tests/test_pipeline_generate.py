@@ -13,9 +13,9 @@ from PIL import Image
 
 from mcdm import cli
 from mcdm.config import Params, dump_params
-from mcdm.data.io import probe, read_audio, write_video, write_wav
-from mcdm.models.pipeline import MCDMPipeline, build_untrained_pipeline
-from mcdm.models.pipeline_inputs import crop_portrait
+from mcdm.media.io import probe, read_audio, write_video, write_wav
+from mcdm.pipelines.mcdm import MCDMPipeline, build_untrained_pipeline
+from mcdm.pipelines.preprocessing import crop_portrait
 
 F, A = 4, 2  # clip frames, archived frames
 TINY = dict(

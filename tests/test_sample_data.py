@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from mcdm.config import Params, SampleParams, dump_params
-from mcdm.data.dlib_face import DlibFace, descriptor_distance
-from mcdm.data.io import MediaError, probe, read_audio, read_frames
+from mcdm.face.dlib import DlibFace, descriptor_distance
+from mcdm.media.io import MediaError, probe, read_audio, read_frames
 from mcdm.data.sample.defects import CLEAN_KINDS, DEFECT_KINDS, KINDS
 from mcdm.data.sample.generator import (MANIFEST_COLUMNS, TRUTH_KEYS, defect_counts, generate_sample,
                                         plan_videos, read_manifest)

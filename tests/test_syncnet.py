@@ -18,9 +18,9 @@ import scipy.signal
 import torch
 
 from mcdm.config import SyncNetParams
-from mcdm.sync import mfcc as M
-from mcdm.sync.offset import av_offset
-from mcdm.sync.syncnet import OfficialSyncNet, SyncNet, load_syncnet
+from mcdm.models.sync import mfcc as M
+from mcdm.models.sync.offset import av_offset
+from mcdm.models.sync.syncnet import OfficialSyncNet, SyncNet, load_syncnet
 
 FPS = 25
 RATE = 16_000
@@ -212,7 +212,7 @@ def test_official_layout_loads_a_state_dict(tmp_path):
         emb = loaded.embed_audio(torch.randn(2, 1, 13, 20))
     assert emb.shape == (2, 1024)
     # the scoring path feeds it 224 px BGR face windows and MFCCs of int16-scaled audio
-    from mcdm.sync.evaluate import sync_scores
+    from mcdm.models.sync.scoring import sync_scores
 
     frames = np.random.default_rng(0).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
     scores = sync_scores(frames, np.zeros(8 * 640, np.float32) + 1e-3, model=loaded, max_offset=2)
@@ -227,7 +227,7 @@ def test_official_layout_loads_a_state_dict(tmp_path):
 # ----------------------------------------------------------- training + filter on synthetic clips
 def _write_clips(root, specs):
     """Synthetic face-crop mp4s (audio muxed) + landmarks npz + a quality-style table and manifest."""
-    from mcdm.data.io import write_video
+    from mcdm.media.io import write_video
 
     rows, manifest = [], []
     for clip_id, seed, delay in specs:
@@ -251,7 +251,7 @@ def _write_clips(root, specs):
 def trained(tmp_path_factory):
     """A tiny SyncNet trained by the stage function on 9 synthetic clips (one planted 8-frame delay)."""
     from mcdm.config import Params
-    from mcdm.sync.train import run_syncnet_train
+    from mcdm.train.syncnet import run_syncnet_train
 
     root = tmp_path_factory.mktemp("sync")
     specs = [(f"c{i}", i, 0) for i in range(8)] + [("c_planted", 50, 8)]

@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 
 from conftest import free_port, tool_env
 from mcdm.config import Params
-from mcdm.data.io import write_video
-from mcdm.tracking import (
+from mcdm.media.io import write_video
+from mcdm.tracking.runs import (
     PARENT_RUN_ENV, PIPELINE_TAG, Tracker, TrackingUnavailable, default_tracking_uri, image_grid, project_root,
     promote_by_metric, register_stage_model, run_tags, stage_run, start_parent_run, tracking_uri,
 )
@@ -136,7 +136,7 @@ def test_stages_of_one_dvc_repro_share_a_parent(env, store, tmp_path):
     (proj / "stage.py").write_text(textwrap.dedent("""\
         import json, sys
         from mcdm.config import Params
-        from mcdm.tracking import project_root, stage_run
+        from mcdm.tracking.runs import project_root, stage_run
 
         with stage_run(Params.model_validate({"tracking": {"system_metrics": False}}), sys.argv[1]) as run:
             json.dump({"run": run.run_id, "root": str(project_root())}, open(sys.argv[1] + ".json", "w"))

@@ -62,7 +62,7 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracking(project):
     """A sqlite MLflow store inside the project (migrated once for the module)."""
-    from mcdm.tracking import default_tracking_uri
+    from mcdm.tracking.runs import default_tracking_uri
 
     uri = default_tracking_uri(project)
     MlflowClient(tracking_uri=uri).search_experiments()

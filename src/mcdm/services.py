@@ -35,7 +35,7 @@ def service_command(name: str, port: int, project_dir: Path) -> tuple[list[str],
                 {"PREFECT_API_URL": api, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(project_dir / ".prefect"))},
                 "log:deployments")
     if name == "mlflow-ui":
-        from mcdm.tracking import tracking_uri
+        from mcdm.tracking.runs import tracking_uri
 
         return ([_bin("mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                  "--backend-store-uri", tracking_uri(project_dir)], {}, f"http://127.0.0.1:{port}/health")

@@ -49,8 +49,8 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 
 from mcdm.config import Params
-from mcdm.data.dlib_face import DlibFace, Face
-from mcdm.data.io import MediaError, iter_frames, read_audio, write_video
+from mcdm.face.dlib import DlibFace, Face
+from mcdm.media.io import MediaError, iter_frames, read_audio, write_video
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, remove_partial
 from mcdm.data.scenes import FrameCache

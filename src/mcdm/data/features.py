@@ -19,7 +19,7 @@ ONCE and ``<out>/<clip_id>.safetensors`` holds (T = video frames at ``data.fps``
 
 Feature computations come from :mod:`mcdm.models.encoders` (one implementation for training and
 inference); the VAE and the audio / identity backends from ``models/base`` through
-:mod:`mcdm.base.loading`. Beside the files: ``index.parquet`` (the split tables' columns plus
+:mod:`mcdm.pipelines.base_loading`. Beside the files: ``index.parquet`` (the split tables' columns plus
 ``split, path, n_frames``), ``meta.json`` (backends, dims, fps), ``rejects.csv`` and ``summary.json``.
 Clips are mapped with :func:`mcdm.data.parallel.map_videos` (DECISIONS #9): in this process on
 ``base_models.threads`` torch threads, or on the Dask scheduler of ``data.dask_address`` when one is
@@ -65,7 +65,7 @@ def _models(job: FeatureJob) -> dict:
     """VAE + audio + identity encoders, loaded once per process (Dask workers keep them)."""
     import torch
 
-    from mcdm.base import loading
+    from mcdm.pipelines import base_loading as loading
 
     key = (os.getpid(), job.models_dir)
     if key not in _MODELS:
@@ -100,8 +100,8 @@ def clip_features(row: dict, job: FeatureJob) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from mcdm.base.vae import encode_latents
-    from mcdm.data.io import read_audio, read_frames
+    from mcdm.train.base_models.vae import encode_latents
+    from mcdm.media.io import read_audio, read_frames
     from mcdm.models.encoders import expression_offsets, head_pose_from_landmarks, mouth_boxes, mouth_crop
 
     models = _models(job)
@@ -157,7 +157,7 @@ def clip_features(row: dict, job: FeatureJob) -> dict:
 
 def _guarded_clip(row: dict, job: FeatureJob) -> dict:
     """``clip_features`` with the expected failures turned into a reject reason."""
-    from mcdm.data.io import MediaError
+    from mcdm.media.io import MediaError
 
     try:
         return {"ok": clip_features(row, job)}
@@ -195,7 +195,7 @@ def features(split_dir: str | os.PathLike, models_dir: str | os.PathLike, out_di
     """Run the stage; returns ``(index, StageSummary)``."""
     import torch
 
-    from mcdm.base import loading
+    from mcdm.pipelines import base_loading as loading
     from mcdm.data.parallel import Crashed, map_videos, stage_workers
     from mcdm.data.rejects import finish_stage, reject_row, write_json
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.data.io import MediaError, iter_frames, probe, read_audio
+from mcdm.media.io import MediaError, iter_frames, probe, read_audio
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import StageSummary, finish_stage, reject_row
 from mcdm.errors import McdmError

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.data.io import MediaError, iter_frames
+from mcdm.media.io import MediaError, iter_frames
 from mcdm.data.parallel import Crashed, map_videos, stage_workers
 from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, write_parquet
 from mcdm.errors import McdmError

@@ -198,7 +198,7 @@ def _thumbnail(path: str | os.PathLike | None, at: float, side: int) -> np.ndarr
     """One frame of a video at ``at`` seconds, letterboxed to ``side`` x ``side``; None if unreadable."""
     import cv2
 
-    from mcdm.data.io import MediaError, iter_frames
+    from mcdm.media.io import MediaError, iter_frames
 
     if path is None or not Path(path).is_file():
         return None

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.data.io import MediaError, iter_frames, read_audio, write_video
+from mcdm.media.io import MediaError, iter_frames, read_audio, write_video
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, remove_partial, write_parquet
 

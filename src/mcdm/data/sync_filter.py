@@ -2,7 +2,7 @@
 
 For every clip of ``data/quality/kept.parquet`` the SyncNet of ``syncnet_train`` (or the official
 weights it converted) scores the face crop against its own audio with the standard offset search
-(``mcdm.sync.evaluate.sync_scores``, the same code as the Sync-C / Sync-D metrics):
+(``mcdm.models.sync.scoring.sync_scores``, the same code as the Sync-C / Sync-D metrics):
 
 - ``av_offset`` (frames; negative = audio lags video), ``sync_conf`` (Sync-C), ``sync_dist`` (Sync-D);
 - rejected when ``|av_offset| > data.syncnet.max_abs_offset`` (``av_offset``) or ``sync_conf`` is below
@@ -23,11 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.data.io import MediaError
+from mcdm.media.io import MediaError
 from mcdm.data.parallel import Crashed, map_videos, stage_workers
 from mcdm.data.rejects import StageSummary, finish_stage, reject_row, write_csv
-from mcdm.sync.evaluate import backend_name, sync_scores
-from mcdm.sync.syncnet import OfficialSyncNet, load_syncnet
+from mcdm.models.sync.scoring import backend_name, sync_scores
+from mcdm.models.sync.syncnet import OfficialSyncNet, load_syncnet
 
 STAGE = "sync_filter"
 SCORE_COLUMNS = ["av_offset", "sync_conf", "sync_dist"]

@@ -334,11 +334,11 @@ def long_term_curve(pipe, features_dir: str | Path, csv_path: str | Path, params
     Writes ``csv_path`` (and ``png_path``, and ``video_dir/long_term_<clip>.mp4`` with its audio);
     returns a summary (means, first / last ``eval.drift_tail`` of the sequence, drifts).
     """
-    from mcdm.data.io import write_video
+    from mcdm.media.io import write_video
     from mcdm.eval.features import DlibFrameFeatures
 
     if isinstance(pipe, (str, Path)):
-        from mcdm.models.pipeline import MCDMPipeline
+        from mcdm.pipelines.mcdm import MCDMPipeline
 
         pipe = MCDMPipeline.from_models_dir(pipe, params)
     p, fps, rate = params.eval, params.data.fps, params.data.audio_rate
@@ -483,8 +483,8 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
              samples_dir: str | Path, params: Params, pipe=None, progress: bool = True, baselines: bool = True) -> dict:
     """Run the stage (see the module docstring); returns the content of metrics.json. ``baselines``
     False: the model's metrics only (``baselines`` and ``checks`` null)."""
-    from mcdm.data.io import write_video
-    from mcdm.models.pipeline import MCDMPipeline
+    from mcdm.media.io import write_video
+    from mcdm.pipelines.mcdm import MCDMPipeline
 
     out_dir, samples_dir = Path(out_dir), Path(samples_dir)
     p = params.eval
@@ -507,7 +507,7 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     # 2. metrics of the model and of the trivial baselines, same backends, same run
     reconstructed = None
     if baselines:
-        from mcdm.base.vae import reconstruct
+        from mcdm.train.base_models.vae import reconstruct
 
         reconstructed = [reconstruct(pipe.vae, v) for v in real]
     prefetch_faces(suite, [real, fake] + ([reconstructed] if baselines else []), params)
@@ -571,7 +571,7 @@ def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _stage3_info(models_dir: str | Path) -> dict:
-    from mcdm.models.pipeline import MODELS_LAYOUT, STAGE_JSON
+    from mcdm.pipelines.mcdm import MODELS_LAYOUT, STAGE_JSON
 
     path = Path(models_dir) / Path(MODELS_LAYOUT["denoiser"][0]).parent / STAGE_JSON
     try:
@@ -608,7 +608,7 @@ def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, arti
     The open_set stage logs through here too (prefix ``open_set.``, no promotion). Returns what was done."""
     import warnings
 
-    from mcdm import tracking
+    from mcdm.tracking import runs as tracking
 
     numbers = numeric_metrics(metrics)
     stage3 = _stage3_info(models_dir)

@@ -42,7 +42,7 @@ import torch
 from einops import rearrange
 from tqdm import tqdm
 
-from mcdm.data.dlib_face import BROWS, EYE_L, EYE_R, MOUTH, NOSE, DlibFace
+from mcdm.face.dlib import BROWS, EYE_L, EYE_R, MOUTH, NOSE, DlibFace
 from mcdm.errors import McdmError
 
 # ---------------------------------------------------------------------------------------------

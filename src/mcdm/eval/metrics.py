@@ -309,12 +309,12 @@ def identity_summary(curves, gt_curves=None, tail: float = 0.1) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sync-C / Sync-D: adapter to the SyncNet of the data stages (mcdm.sync), imported lazily
+# Sync-C / Sync-D: adapter to the SyncNet of the data stages (mcdm.models.sync), imported lazily
 
 
 def load_sync_model(path: str | Path):
-    """A SyncNet (``save_pretrained`` folder or official ``syncnet_v2.model``) via ``mcdm.sync``."""
-    from mcdm.sync.syncnet import load_syncnet
+    """A SyncNet (``save_pretrained`` folder or official ``syncnet_v2.model``) via ``mcdm.models.sync``."""
+    from mcdm.models.sync.syncnet import load_syncnet
 
     return load_syncnet(path)
 
@@ -322,14 +322,14 @@ def load_sync_model(path: str | Path):
 def sync_metrics(frames, audio, model, landmarks: np.ndarray | None = None, max_offset: int = 15) -> dict[str, MetricResult]:
     """Sync-C (confidence, higher better) and Sync-D (min distance, lower better) of one video.
 
-    Calls ``mcdm.sync.evaluate.sync_scores`` (the one SyncNet module shared with the ``sync_filter``
+    Calls ``mcdm.models.sync.scoring.sync_scores`` (the one SyncNet module shared with the ``sync_filter``
     stage, DECISIONS #22) with 25 fps RGB frames, 16 kHz mono ``audio`` and optional ``(T, 68, 2)``
     landmarks (NaN frames are interpolated; all-NaN -> None, i.e. the lower-half mouth box).
     """
     try:
-        from mcdm.sync.evaluate import sync_scores
+        from mcdm.models.sync.scoring import sync_scores
     except ImportError as err:
-        raise McdmError(f"sync: mcdm.sync.evaluate.sync_scores is not available ({err})") from None
+        raise McdmError(f"sync: mcdm.models.sync.scoring.sync_scores is not available ({err})") from None
     if landmarks is not None:
         landmarks = fill_missing(landmarks)
         if not np.isfinite(landmarks).all():

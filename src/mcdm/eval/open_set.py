@@ -98,7 +98,7 @@ def _frame_limit(params: Params) -> Optional[int]:
 def pair_inputs(pair: dict, files: dict[str, str], params: Params) -> PairInputs:
     """Portrait and audio of one pair, from its clips' feature files (else from the split's paths)."""
     from mcdm.data.features import load_landmarks
-    from mcdm.data.io import MediaError, read_audio, read_frames
+    from mcdm.media.io import MediaError, read_audio, read_frames
 
     fps, rate, limit = params.data.fps, params.data.audio_rate, _frame_limit(params)
     audio_id, portrait_id = str(pair["audio_clip_id"]), str(pair["clip_id"])
@@ -232,7 +232,7 @@ def _table_row(pair: dict) -> dict:
 def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str | Path, syncnet: str | Path,
              table_path: str | Path, summary_path: str | Path, params: Params, pipe=None, progress: bool = True) -> dict:
     """Run the stage (see the module docstring); returns the content of the summary JSON."""
-    from mcdm.models.pipeline import MCDMPipeline
+    from mcdm.pipelines.mcdm import MCDMPipeline
 
     started = time.perf_counter()
     available = read_pairs(pairs_path)

@@ -190,7 +190,7 @@ class ArchivedClipPrior(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def warm_start(self, ref_tokens, side: int, logit_gap: float = WARM_START_LOGIT_GAP) -> None:
         """Set the weights so that F_ac[i] = ``ref_tokens(f_a^i)`` (module docstring); ``ref_tokens`` is
-        the base model's :class:`~mcdm.base.ref_tokens.ReferenceTokens` and ``side`` the latent side.
+        the base model's :class:`~mcdm.models.reference_tokens.ReferenceTokens` and ``side`` the latent side.
 
         Query j puts logit ``logit_gap`` on keys of its row and again on keys of its column (the 2-D
         sine-cosine keys separate rows from columns, not single positions), so its weight on position j

@@ -232,7 +232,7 @@ class DlibVaeIdentity:
     name = "dlib+vae"
 
     def __init__(self, vae, device: str | torch.device = "cpu"):
-        from mcdm.data.dlib_face import DlibFace
+        from mcdm.face.dlib import DlibFace
 
         self.face = DlibFace()
         self.vae = vae.eval().requires_grad_(False).to(device)

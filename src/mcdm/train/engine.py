@@ -601,7 +601,7 @@ def train_loop(model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
     """Train ``model``'s parameters that require grad for ``spec.steps`` steps (resuming if a
     checkpoint exists). ``loss_fn(engine, batch)`` gets the DeepSpeed engine (call it like the model;
     ``engine.module`` is the model) and the batch on ``engine.device`` in the compute dtype.
-    ``tracker`` (:mod:`mcdm.tracking`) receives loss / lr / grad_norm / samples_per_s per step.
+    ``tracker`` (:mod:`mcdm.tracking.runs`) receives loss / lr / grad_norm / samples_per_s per step.
     ``on_checkpoint(engine, step)`` runs on every rank each time DeepSpeed has written a
     checkpoint's files, before the checkpoint is marked complete: files it adds to
     ``checkpoint_dir / tag_for(step)`` belong to that checkpoint (a kill before the end leaves the

@@ -351,7 +351,7 @@ class DenoiserStage(StageTask):
     """Shared by stages 1 and 3: the denoiser, the landmark guider, the base scheduler and VAE."""
 
     def _load_base(self) -> None:
-        from mcdm.base import loading
+        from mcdm.pipelines import base_loading as loading
 
         base = _require(self.inputs.base, "--base", loading.STAGE)
         self.scheduler = loading.load_scheduler(base)
@@ -409,8 +409,8 @@ class DenoiserStage(StageTask):
         of a few videos, decoded with the VAE; rows in that order."""
         from PIL import Image
 
-        from mcdm.base.vae import to_uint8
-        from mcdm.tracking import image_grid
+        from mcdm.train.base_models.vae import to_uint8
+        from mcdm.tracking.runs import image_grid
         from mcdm.train.data import move_batch
 
         denoiser = self.parts[DENOISER]
@@ -447,7 +447,7 @@ class Stage1(DenoiserStage):
     stage = 1
 
     def setup(self) -> None:
-        from mcdm.base import loading
+        from mcdm.pipelines import base_loading as loading
 
         self._load_base()
         self.features = load_feature_set(self.inputs.features, show_progress=self.show_progress)
@@ -471,7 +471,7 @@ class Stage1(DenoiserStage):
     def _init_archived_prior(self, denoiser: MCDMDenoiser) -> str:
         """``model.archived_prior_init`` (models/archived_prior.py): warm start from the base reference
         tokens when they exist and the variant's prior can take them; returns what was done."""
-        from mcdm.base import loading
+        from mcdm.pipelines import base_loading as loading
 
         if self.params.model.archived_prior_init == "random":
             return "random"
@@ -832,7 +832,7 @@ def registry_bundle(task: StageTask, out_dir: Path, into: Path) -> Path:
     ``stage.json`` (as ``stageN.json``) and the ``params.yaml`` that trained it."""
     import shutil
 
-    from mcdm.base import loading
+    from mcdm.pipelines import base_loading as loading
 
     prev1, _ = previous_output(task.inputs, 1)
     prev2, _ = previous_output(task.inputs, 2)
@@ -872,7 +872,7 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
     metrics JSON and the loss-curve CSV, and log it all to the stage's MLflow run."""
     import tempfile
 
-    from mcdm.tracking import is_main_line, register_stage_model, stage_run
+    from mcdm.tracking.runs import is_main_line, register_stage_model, stage_run
     from mcdm.train.engine import peak_memory_mb, train_loop
 
     started = time.time()

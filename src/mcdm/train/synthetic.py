@@ -78,8 +78,8 @@ def write_base(folder: str | Path, params: Params, *, res: int = 32, latent: int
     layout: plumbing only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from mcdm.base.unet_pretrain import make_scheduler, tiny_unet_config
-    from mcdm.base.vae import tiny_vae_config
+    from mcdm.train.base_models.unet import make_scheduler, tiny_unet_config
+    from mcdm.train.base_models.vae import tiny_vae_config
 
     folder = Path(folder)
     torch.manual_seed(0)

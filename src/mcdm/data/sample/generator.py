@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import SampleParams
-from mcdm.data.io import write_video
+from mcdm.media.io import write_video
 from mcdm.data.sample import defects as D
 from mcdm.data.sample.animate import FaceRig
 from mcdm.data.sample.motion import MotionTrack, make_track

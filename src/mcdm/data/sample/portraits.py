@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
-from mcdm.data.dlib_face import EYE_L, EYE_R, DlibFace
+from mcdm.face.dlib import EYE_L, EYE_R, DlibFace
 
 # canonical layout, as fractions of the portrait side
 EYE_Y = 0.39

@@ -7,7 +7,7 @@ One function serves the ``sync_filter`` data stage and the Sync-C / Sync-D metri
 
 Steps: (1) frames -> the network's video input (grayscale mouth crops for the SyncNet trained here,
 224 px BGR face crops for the official one), (2) audio -> 13 x 100 Hz MFCCs, (3) one embedding per
-5-frame / 20-MFCC window, (4) the standard offset search of ``mcdm.sync.offset.av_offset``.
+5-frame / 20-MFCC window, (4) the standard offset search of ``mcdm.models.sync.offset.av_offset``.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import torch
 
-from mcdm.data.io import AUDIO_RATE, read_audio, read_frames
-from mcdm.sync.mfcc import WINDOW_FRAMES, mfcc, mfcc_windows, n_windows
-from mcdm.sync.offset import OffsetResult, av_offset
-from mcdm.sync.syncnet import OfficialSyncNet, SyncNet
+from mcdm.media.io import AUDIO_RATE, read_audio, read_frames
+from mcdm.models.sync.mfcc import WINDOW_FRAMES, mfcc, mfcc_windows, n_windows
+from mcdm.models.sync.offset import OffsetResult, av_offset
+from mcdm.models.sync.syncnet import OfficialSyncNet, SyncNet
 
 SYNC_FPS = 25.0  # SyncNet's clock: 4 MFCC frames (10 ms) per video frame
 MOUTH = slice(48, 68)  # iBUG 68-landmark mouth points

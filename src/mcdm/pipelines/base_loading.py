@@ -66,7 +66,7 @@ def load_unet(models_dir: str | Path, device: str | torch.device = "cpu"):
 
 def load_ref_tokens(models_dir: str | Path, device: str | torch.device = "cpu"):
     """The reference tokenizer pretrained with the UNet, or None when the UNet came from a path."""
-    from mcdm.base.ref_tokens import ReferenceTokens
+    from mcdm.models.reference_tokens import ReferenceTokens
     from mcdm.models.encoders import load_strict
 
     path = Path(models_dir) / REF_TOKENS

@@ -1,6 +1,6 @@
 """`mcdm base-models`: the base_models stage (DECISIONS #1, #2).
 
-Thin wrapper over :func:`mcdm.base.pretrain.build_base_models`: loads SD-1.5 VAE / UNet, Wav2Vec 2.0
+Thin wrapper over :func:`mcdm.train.base_models.pretrain.build_base_models`: loads SD-1.5 VAE / UNet, Wav2Vec 2.0
 and CLIP vision from the local folders named under ``base_models`` in params, or pretrains the tiny
 VAE (gated by held-out PSNR) and the tiny SD-shaped UNet on the training crops; writes diffusers
 ``save_pretrained`` folders + ``encoders.json`` under --out.
@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     params = load_params(args.params)
-    from mcdm.base.pretrain import build_base_models
+    from mcdm.train.base_models.pretrain import build_base_models
 
     m = build_base_models(args.train, args.out, params, progress=not args.quiet)
     vae, unet = m["vae"], m["unet"]

@@ -23,7 +23,7 @@ Per present clip of F = ``clip_frames`` frames, clip after clip:
 
 The last clip is filled up to F frames by repeating the last audio (and landmark) frame; the extra
 frames are dropped. Reference and driving-video preprocessing match the faces stage
-(``mcdm.models.pipeline_inputs``).
+(``mcdm.pipelines.preprocessing``).
 """
 from __future__ import annotations
 
@@ -261,7 +261,7 @@ class MCDMPipeline(DiffusionPipeline):
     def encode_reference(self, crops: np.ndarray, landmarks: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, S, 3) uint8 crops (+ (B, 68, 2) crop-pixel landmarks) -> scaled VAE latents (B, C, h, w)
         and identity embeddings (B, E), as the features stage computes them for the training clips."""
-        from mcdm.base.vae import encode_latents
+        from mcdm.train.base_models.vae import encode_latents
 
         crops = np.asarray(crops)
         side = self.data_params.resolution
@@ -318,7 +318,7 @@ class MCDMPipeline(DiffusionPipeline):
         Only the archived window (a latents) and the last memory state live across clips.
         ``frame_noise_correlation``: rho of the clips' initial noise (default: the config's, i.e. training's).
         """
-        from mcdm.base.vae import to_uint8
+        from mcdm.train.base_models.vae import to_uint8
 
         den, dev, dtype = self.denoiser, self.device, self.denoiser.dtype
         variant, a, F = self.variant, int(den.config.archived_frames), int(self.config.clip_frames)
@@ -409,7 +409,7 @@ class MCDMPipeline(DiffusionPipeline):
     def prepare_driving(self, landmarks, n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A landmark video path, or (T, 68, 2) crop-pixel landmarks -> (1, T, 68, 2), (1, T, 6)."""
         from mcdm.models.encoders import head_pose_from_landmarks
-        from mcdm.models.pipeline_inputs import driving_landmarks
+        from mcdm.pipelines.preprocessing import driving_landmarks
 
         if isinstance(landmarks, (str, Path)):
             track = driving_landmarks(landmarks, self.data_params, n_frames)
@@ -449,8 +449,8 @@ class MCDMPipeline(DiffusionPipeline):
             generator: torch generator (noise of the prior and of the denoiser).
             output_path: write an mp4 (H.264 + AAC with the audio) as frames come, keep none in memory.
         """
-        from mcdm.data.io import MediaError, write_video
-        from mcdm.models.pipeline_inputs import crop_portrait, read_image, read_speech
+        from mcdm.media.io import MediaError, write_video
+        from mcdm.pipelines.preprocessing import crop_portrait, read_image, read_speech
 
         data = self.data_params
         rate = int(data.audio_rate)
@@ -550,8 +550,8 @@ class MCDMPipeline(DiffusionPipeline):
         bundle); ``stage_json``: stage 3's ``stage.json`` (default: beside the denoiser folder).
         The landmark guider and head encoder are optional (only landmark-driven generation needs them).
         """
-        from mcdm.base import loading
-        from mcdm.base.unet_pretrain import SD15_SCHEDULER
+        from mcdm.pipelines import base_loading as loading
+        from mcdm.train.base_models.unet import SD15_SCHEDULER
         from mcdm.models.encoders import HeadPoseEncoder, LandmarkGuider, load_strict
         from mcdm.models.motion_prior import PresentClipMotionPrior
         from mcdm.models.variants import MCDMDenoiser
@@ -694,7 +694,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     if spec.startswith("models:/"):
         import mlflow
 
-        from mcdm.tracking import tracking_uri
+        from mcdm.tracking.runs import tracking_uri
 
         uri = tracking_uri()
         try:
@@ -735,8 +735,8 @@ def build_untrained_pipeline(params: Params, seed: int = 0) -> MCDMPipeline:
     tiny VAE of ``base_models``, the variant's denoiser, the motion prior, landmark guider, head encoder."""
     from diffusers import AutoencoderKL
 
-    from mcdm.base.unet_pretrain import SD15_SCHEDULER
-    from mcdm.base.vae import tiny_vae_config
+    from mcdm.train.base_models.unet import SD15_SCHEDULER
+    from mcdm.train.base_models.vae import tiny_vae_config
     from mcdm.models.encoders import HeadPoseEncoder, LandmarkGuider
     from mcdm.models.motion_prior import PresentClipMotionPrior
     from mcdm.models.variants import build_denoiser

@@ -61,7 +61,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def read_speech(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
     """Float32 mono audio at ``rate`` from any audio or video file; McdmError when it does not decode or is empty."""
-    from mcdm.data.io import MediaError, read_audio
+    from mcdm.media.io import MediaError, read_audio
 
     path = Path(path)
     if not path.is_file():
@@ -82,7 +82,7 @@ def read_speech(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
 def detect_faces(image: np.ndarray, data: DataParams):
     """dlib faces of an RGB image (source pixels, best first), with the faces stage's detection scale
     (a ``data.min_face_px`` face fills HOG's window, the image is at most ``data.detect_max_side``)."""
-    from mcdm.data.dlib_face import DlibFace, Face
+    from mcdm.face.dlib import DlibFace, Face
     from mcdm.data.faces import detection_scale
 
     h, w = image.shape[:2]
@@ -117,9 +117,9 @@ def driving_landmarks(path: str | os.PathLike, data: DataParams, n_frames: int) 
     """
     from scipy.ndimage import gaussian_filter1d
 
-    from mcdm.data.dlib_face import DlibFace
+    from mcdm.face.dlib import DlibFace
     from mcdm.data.faces import crop_boxes, sample_faces, to_crop_coords, track_boxes
-    from mcdm.data.io import MediaError, iter_frames
+    from mcdm.media.io import MediaError, iter_frames
     from mcdm.models.encoders import head_pose_from_landmarks
 
     path = Path(path)

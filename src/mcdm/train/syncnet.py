@@ -33,14 +33,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mcdm.config import Params, SyncNetParams
-from mcdm.data.io import AUDIO_RATE, MediaError, read_audio, read_frames
+from mcdm.media.io import AUDIO_RATE, MediaError, read_audio, read_frames
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import read_table, write_csv, write_json
 from mcdm.errors import McdmError
-from mcdm.sync.evaluate import SYNC_FPS, embed_clip, mouth_crops, sync_scores, video_windows
-from mcdm.sync.mfcc import mfcc, mfcc_windows, n_windows
-from mcdm.sync.offset import av_offset
-from mcdm.sync.syncnet import SyncNet, load_syncnet
+from mcdm.models.sync.scoring import SYNC_FPS, embed_clip, mouth_crops, sync_scores, video_windows
+from mcdm.models.sync.mfcc import mfcc, mfcc_windows, n_windows
+from mcdm.models.sync.offset import av_offset
+from mcdm.models.sync.syncnet import SyncNet, load_syncnet
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mcdm.errors import McdmError
-from mcdm.sync.mfcc import N_MFCC, WINDOW_FRAMES, WINDOW_MFCC
+from mcdm.models.sync.mfcc import N_MFCC, WINDOW_FRAMES, WINDOW_MFCC
 
 
 def _conv_stage(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -58,7 +58,7 @@ def _halved(size: int, times: int) -> int:
 class SyncNet(ModelMixin, ConfigMixin):
     """Small two-stream SyncNet: audio CNN + early-fusion video CNN -> L2-normalised embeddings."""
 
-    input_kind = "mouth"  # grayscale mouth crops (see mcdm.sync.evaluate.mouth_crops)
+    input_kind = "mouth"  # grayscale mouth crops (see mcdm.models.sync.scoring.mouth_crops)
 
     @register_to_config
     def __init__(

@@ -541,7 +541,7 @@ class Tracker:
         return out
 
     def log_video(self, path: str | Path, artifact_path: str = "samples") -> None:
-        """Log a sample mp4 (e.g. written by :func:`mcdm.data.io.write_video`)."""
+        """Log a sample mp4 (e.g. written by :func:`mcdm.media.io.write_video`)."""
         self.log_artifact(path, artifact_path)
 
     def resumed(self, step: int, previous_run: Optional[str]) -> None:

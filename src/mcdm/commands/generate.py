@@ -1,6 +1,6 @@
 """`mcdm generate`: a portrait + speech (+ optional landmark video) -> a long talking-face mp4.
 
-Thin wrapper over :class:`mcdm.models.pipeline.MCDMPipeline`: checks the inputs (image readable,
+Thin wrapper over :class:`mcdm.pipelines.mcdm.MCDMPipeline`: checks the inputs (image readable,
 audio decodes and is not empty), loads the checkpoint (default: this repo's ``models/`` folder, i.e. the
 stage-3 output; or a pipeline folder, or ``models:/name@alias`` from the MLflow registry), refuses a
 checkpoint of another variant than ``params.variant``, and streams the video clip by clip into
@@ -32,8 +32,8 @@ def run(args) -> int:
     import torch
 
     from mcdm.errors import McdmError
-    from mcdm.models.pipeline import MCDMPipeline
-    from mcdm.models.pipeline_inputs import crop_portrait, read_image, read_speech
+    from mcdm.pipelines.mcdm import MCDMPipeline
+    from mcdm.pipelines.preprocessing import crop_portrait, read_image, read_speech
 
     if args.steps is not None and args.steps < 1:
         raise McdmError(f"--steps: must be >= 1 (got {args.steps})")

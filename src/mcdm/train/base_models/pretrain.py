@@ -3,15 +3,15 @@
 In order (DECISIONS #1, #2), on the TRAINING split only:
 
 1. VAE: ``base_models.vae_path`` (SD-1.5's, diffusers format), else the tiny AutoencoderKL trained
-   until its held-out PSNR passes ``vae_psnr_threshold`` (:mod:`mcdm.base.vae`);
+   until its held-out PSNR passes ``vae_psnr_threshold`` (:mod:`mcdm.train.base_models.vae`);
 2. UNet: ``base_models.unet_path``, else the tiny SD-shaped UNet pretrained as a reference-conditioned
-   denoiser on the VAE's latents (:mod:`mcdm.base.unet_pretrain`), with its reference tokenizer;
+   denoiser on the VAE's latents (:mod:`mcdm.train.base_models.unet`), with its reference tokenizer;
 3. scheduler: SD-1.5's DDPM training schedule (or the ``scheduler/`` folder beside ``unet_path``);
 4. encoders: Wav2Vec 2.0 / CLIP vision from local folders when given, else the labelled fallbacks
    ``logmel`` / ``dlib+vae`` (no weights of their own); written to ``encoders.json``.
 
 Everything is written with ``save_pretrained`` into a temporary folder renamed to ``out_dir`` at the
-end (a killed run leaves no half-written output); the layout is described in :mod:`mcdm.base.loading`.
+end (a killed run leaves no half-written output); the layout is described in :mod:`mcdm.pipelines.base_loading`.
 A VAE below its PSNR threshold stops the stage with one line; its metrics and reconstruction grid are
 kept in ``<out_dir>.failed/`` to look at.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mcdm.base import loading
+from mcdm.pipelines import base_loading as loading
 from mcdm.config import Params
 from mcdm.errors import McdmError
 
@@ -58,7 +58,7 @@ def _load_given(cls, path: str, key: str):
 
 def _vae_step(params: Params, frames, tmp: Path, device, progress: bool):
     """``(vae, metrics, report)``; ``report`` (the PSNR gate) is None for given weights."""
-    from mcdm.base.vae import psnr, reconstruct, save_recon_grid, train_vae, vae_downsample
+    from mcdm.train.base_models.vae import psnr, reconstruct, save_recon_grid, train_vae, vae_downsample
 
     bm, res = params.base_models, params.data.resolution
     report = None
@@ -96,8 +96,8 @@ def check_unet_fits(unet, vae, params: Params) -> None:
 
 
 def _unet_step(params: Params, vae, frames, tmp: Path, device, progress: bool) -> dict:
-    from mcdm.base.unet_pretrain import make_scheduler, train_unet
-    from mcdm.base.vae import encode_latents
+    from mcdm.train.base_models.unet import make_scheduler, train_unet
+    from mcdm.train.base_models.vae import encode_latents
 
     bm = params.base_models
     if bm.unet_path:
@@ -155,7 +155,7 @@ def _replace_dir(src: Path, dest: Path) -> None:
 def build_base_models(train_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params,
                       progress: bool = True) -> dict:
     """Run the stage; returns the content of ``encoders.json`` (with the VAE / UNet entries)."""
-    from mcdm.base.frames import load_training_frames
+    from mcdm.train.base_models.frames import load_training_frames
     from mcdm.data.rejects import read_table
 
     started = time.perf_counter()

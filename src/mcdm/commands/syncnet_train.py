@@ -1,6 +1,6 @@
 """`mcdm syncnet-train`: train the SyncNet used by the sync filter and the Sync-C / Sync-D metrics.
 
-Thin wrapper over :func:`mcdm.sync.train.run_syncnet_train`. With ``data.syncnet.weights`` set (the
+Thin wrapper over :func:`mcdm.train.syncnet.run_syncnet_train`. With ``data.syncnet.weights`` set (the
 official ``syncnet_v2.model``, a local path) nothing is trained: the weights are converted into the
 same ``save_pretrained`` folder and checked on the clips.
 """
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     params = load_params(args.params)
-    from mcdm.sync.train import run_syncnet_train
+    from mcdm.train.syncnet import run_syncnet_train
 
     manifest = args.manifest
     if manifest is None and (Path(params.data.source) / "manifest.csv").is_file():

@@ -20,7 +20,7 @@ stage 1's landmark guider, so it is retrained whenever stage 1 is (and for wo_fp
 fits audio tokens instead of the motion prior). A member's seed seeds the stages it retrains; the
 stages it takes were trained at the main line's seed.
 
-Members never register model versions (:func:`mcdm.tracking.ablation_member`); their MLflow runs
+Members never register model versions (:func:`mcdm.tracking.runs.ablation_member`); their MLflow runs
 carry the tags ``variant``, ``seed``, ``alpha`` and ``ablation_member``.
 
 Outputs: ``<out>/stage<k>/`` for each retrained stage (the same folders ``mcdm train`` exports),
@@ -97,7 +97,7 @@ def stage_folders(models: Path, out: Path, retrained: tuple[int, ...]) -> dict[i
 
 def pipeline_overrides(folders: dict[int, Path], models: Path) -> dict[str, Path]:
     """``MCDMPipeline.from_models_dir`` overrides: every component a retrained stage exports."""
-    from mcdm.models.pipeline import MODELS_LAYOUT
+    from mcdm.pipelines.mcdm import MODELS_LAYOUT
 
     out = {}
     for component, (sub, _) in MODELS_LAYOUT.items():
@@ -118,9 +118,9 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
     (a sweep member sweeps the main line's variant at its seed); ``alpha`` None makes an ablation
     member (at ``ablations.alpha``), a number a sweep member.
     """
-    from mcdm import tracking as mlflow_tracking
+    from mcdm.tracking import runs as mlflow_tracking
     from mcdm.eval.evaluate import evaluate, track_evaluation
-    from mcdm.models.pipeline import MCDMPipeline
+    from mcdm.pipelines.mcdm import MCDMPipeline
     from mcdm.train.stages import StageInputs, run_stage, write_json
 
     started = time.time()

@@ -5,7 +5,7 @@ that already denoises faces. Same block layout as SD-1.5 (``CrossAttnDownBlock2D
 ``UNetMidBlock2DCrossAttn``, ``UpBlock2D`` ... ``CrossAttnUpBlock2D``), widths from
 ``model.block_out_channels``, ``cross_attention_dim = model.prior_dim``. Where SD cross-attends to text
 tokens, this one cross-attends to the tokens of a REFERENCE frame of the same clip
-(:class:`~mcdm.base.ref_tokens.ReferenceTokens`). Objective, DDPM epsilon-prediction (Ho et al. 2020),
+(:class:`~mcdm.models.reference_tokens.ReferenceTokens`). Objective, DDPM epsilon-prediction (Ho et al. 2020),
 with SD-1.5's noise schedule:
 
     z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,   L = E_{z_0, eps, t} |eps - eps_theta(z_t, t, tok(z_ref))|^2
@@ -137,7 +137,7 @@ def train_unet(
     """Pretrain ``(unet, ref_tokens)`` on scaled VAE latents; returns ``(unet, ref_tokens, scheduler, UnetReport)``."""
     from diffusers import UNet2DConditionModel
 
-    from mcdm.base.ref_tokens import ReferenceTokens
+    from mcdm.models.reference_tokens import ReferenceTokens
 
     if len(fit_latents) == 0:
         raise McdmError("base_models: no training latents for the UNet pretraining")

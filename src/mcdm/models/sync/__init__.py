@@ -6,8 +6,8 @@
 - ``evaluate``: ``sync_scores(crop_or_frames, audio, landmarks, model=...)`` for one clip;
 - ``train``: training on in-sync vs shifted pairs, and the ``syncnet_train`` stage.
 """
-from mcdm.sync.evaluate import sync_result, sync_scores
-from mcdm.sync.offset import OffsetResult, av_offset
-from mcdm.sync.syncnet import OfficialSyncNet, SyncNet, load_syncnet
+from mcdm.models.sync.scoring import sync_result, sync_scores
+from mcdm.models.sync.offset import OffsetResult, av_offset
+from mcdm.models.sync.syncnet import OfficialSyncNet, SyncNet, load_syncnet
 
 __all__ = ["OffsetResult", "OfficialSyncNet", "SyncNet", "av_offset", "load_syncnet", "sync_result", "sync_scores"]

@@ -1,6 +1,6 @@
 """`mcdm ablate`: one member of the ablation matrix or the alpha sweep (DVC matrix stages `ablation`, `sweep`).
 
-Thin wrapper over :func:`mcdm.eval.ablate.run_member`: retrains only the stages the member's variant
+Thin wrapper over :func:`mcdm.experiments.ablate.run_member`: retrains only the stages the member's variant
 changes (at ``ablations.steps_fraction`` of their steps), takes the others from the main line's
 models folder, evaluates like the ``evaluate`` stage and writes the member's metrics.json.
 """
@@ -30,7 +30,7 @@ def run(args) -> int:
     params = load_params(args.params)
     import torch
 
-    from mcdm.eval.ablate import run_member
+    from mcdm.experiments.ablate import run_member
     from mcdm.eval.report import IDENTITY, METRICS, fmt
 
     torch.set_num_threads(params.eval.threads)

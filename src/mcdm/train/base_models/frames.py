@@ -42,7 +42,7 @@ def _evenly(n: int, k: int) -> np.ndarray:
 
 def read_clip_frames(path: str, fps: float, resolution: int, keep: int | None = None) -> np.ndarray:
     """Frames of one crop clip, at most ``keep`` of them evenly spaced; checks the crop size."""
-    from mcdm.data.io import read_frames
+    from mcdm.media.io import read_frames
 
     frames = read_frames(path, fps=fps)
     if frames.shape[1:3] != (resolution, resolution):
@@ -59,7 +59,7 @@ def load_training_frames(
     seed: int = 0,
 ) -> TrainingFrames:
     """Read the training crops once; split whole clips into fit / held-out (deterministic in ``seed``)."""
-    from mcdm.data.io import MediaError
+    from mcdm.media.io import MediaError
     from mcdm.data.rejects import reject_row
 
     if train.empty:
