@@ -94,8 +94,8 @@ def worker(args) -> dict:
     import torch
 
     from mcdm.media.io import write_video
-    from mcdm.pipelines.mcdm import build_untrained_pipeline
     from mcdm.pipelines.preprocessing import crop_portrait
+    from mcdm.train.builders import build_untrained_pipeline
 
     torch.set_num_threads(args.threads)
     params = _load_params(args.params)
@@ -181,8 +181,7 @@ def paper_flops(configs_dir: str = "configs") -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mcdm.config import profile_params
-    from mcdm.models.motion_prior import PresentClipMotionPrior
-    from mcdm.models.variants import build_denoiser
+    from mcdm.train.builders import build_denoiser, motion_prior_from_params
 
     params = profile_params("paper", configs_dir)
     m, side = params.model, params.data.resolution
@@ -191,7 +190,7 @@ def paper_flops(configs_dir: str = "configs") -> dict:
     audio_dim = clip_dim = 768  # wav2vec2-base hidden size; CLIP ViT-L/14 projection
     with torch.device("meta"):
         den = build_denoiser(params).eval()
-        prior = PresentClipMotionPrior.from_params(m, audio_dim=audio_dim, ref_dim=clip_dim,
+        prior = motion_prior_from_params(m, audio_dim=audio_dim, ref_dim=clip_dim,
                                                    landmark_dim=4 * m.landmark_guider_channels[-1]).eval()
         vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
                             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,

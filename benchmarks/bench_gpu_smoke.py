@@ -69,8 +69,10 @@ def run_smoke(params: Params, workdir: Path, *, latent: int, warmup: int, n_fram
               vae_widths: tuple[int, ...] = (8, 8, 8, 8)) -> dict:
     """Write the synthetic project under ``workdir``, train the three stages in order and return
     their figures."""
-    from mcdm.train.engine import on_gpu, train_loop
-    from mcdm.train.stages import build_task, export_stage, stage_spec
+    from mcdm.train.distributed import on_gpu
+    from mcdm.train.engine import train_loop
+    from mcdm.train.stages.export import export_stage
+    from mcdm.train.stages.run import build_task, stage_spec
     from mcdm.train.synthetic import inputs_for, write_project
 
     t0 = time.time()

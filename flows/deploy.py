@@ -1,6 +1,6 @@
 """Deploy the project's deployments to a Prefect process work pool: `python flows/deploy.py --pool NAME`.
 
-The work-pool path of DECISIONS #17: the deployments are the ones `flows/serve.py` serves
+The work-pool path of decisions.md #17: the deployments are the ones `flows/serve.py` serves
 (``serve.DEPLOYMENTS``, defined once), loaded from this checkout with `flow.from_source` (local source:
 no image, no git remote) and deployed with `prefect.deploy`; there is no prefect.yaml. Then
 

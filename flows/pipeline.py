@@ -111,7 +111,7 @@ def _overrides(alpha: Optional[float], variant: Optional[str], overrides: Option
 def _open_parent_run(project_dir: Path, flow_name: str) -> Optional[str]:
     """An MLflow parent run for this flow execution, when mcdm's tracking module is available."""
     try:
-        from mcdm.tracking.runs import start_parent_run  # noqa: WPS433 (optional until tracking lands)
+        from mcdm.tracking.runs import start_parent_run
     except ImportError:
         return None
     return start_parent_run(project_dir, flow_name)
@@ -175,7 +175,7 @@ def report_input_stages(project_dir: Path, target: str = MAIN_TARGET, report: st
 @flow(name="ablations", log_prints=True)
 def ablations(project_dir: str = str(PROJECT_DIR), report: bool = True) -> list[str]:
     """The variant x seed ablations and the alpha sweep: `dvc repro` on the matrix stages of dvc.yaml
-    (DECISIONS #10), so each member re-runs only the stages its variant changes and takes the rest
+    (decisions.md #10), so each member re-runs only the stages its variant changes and takes the rest
     from the main line; then the report's other inputs beyond the main line (open set, token figures)
     and the report stage, which gathers the tables."""
     root = Path(project_dir)

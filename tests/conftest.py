@@ -16,6 +16,34 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see s
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
+# The tiny configurations of the unit tests, in one place (channels 16/32, 4-frame clips, 2 archived frames).
+# TINY_PIPELINE: an MCDM pipeline that generates in well under a second a clip (pipeline, evaluate tests);
+# TINY_TRAINING: the three training stages in seconds (stage tests, the GPU smoke's CPU run).
+TINY_PIPELINE = {
+    "model": {"clip_frames": 4, "archived_frames": 2, "block_out_channels": [16, 32], "norm_num_groups": 8,
+              "prior_inference_steps": 2, "prior_layers": 1},
+    "base_models": {"vae_block_out_channels": [8, 8, 8, 8]},
+    "eval": {"steps": 2},
+}
+TINY_TRAINING = {
+    "model": {"block_out_channels": [16, 32], "norm_num_groups": 16, "attention_head_dim": 2, "prior_dim": 32,
+              "clip_frames": 4, "archived_frames": 2, "num_queries": 2, "patch_size": 2, "mta_features": 8,
+              "prior_layers": 1, "prior_heads": 4, "lip_dim": 8, "expression_dim": 6,
+              "landmark_guider_channels": [8, 8, 16, 16], "prior_inference_steps": 2},
+    "train": {"checkpoint_every": 2,
+              "stage1": {"steps": 4, "batch_size": 4, "lr": 1e-3},
+              "stage2": {"steps": 30, "batch_size": 4, "lr": 1e-3},
+              "stage3": {"steps": 4, "batch_size": 2, "lr": 1e-3, "clips_per_run": 2}},
+    "tracking": {"system_metrics": False},
+}
+
+
+def tiny(base: dict, **overrides):
+    """Validated params of a tiny configuration with ``overrides`` merged in (sections as dicts)."""
+    from mcdm.config import Params, deep_merge
+
+    return Params.model_validate(deep_merge(base, overrides))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,6 +79,18 @@ def copy_project(dest: Path, profile: str | None = "micro") -> Path:
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
     return dest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for the module (2 shared cores: more threads only stall each other),
+    restored afterwards. Modules of small-model tests use it: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -95,7 +135,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def micro_pipeline(request) -> Path:
-    """DECISIONS #13: the micro pipeline, run ONCE per test session with `dvc repro` in a project copy
+    """decisions.md #13: the micro pipeline, run ONCE per test session with `dvc repro` in a project copy
     (started at collection, see ``pytest_collection_modifyitems``; this waits for it).
 
     Integration tests read its outputs (data/, models/, reports/, mlflow.db, dvc.lock) instead of

@@ -1,4 +1,4 @@
-"""The ablation matrix, the alpha sweep and the report (DECISIONS #10, #16, #23).
+"""The ablation matrix, the alpha sweep and the report (decisions.md #10, #16, #23).
 
 Unit tests: which stages a member retrains (and that this agrees with the stages' own SHARED_STAGE1),
 its params, the pipeline folders it assembles, members never being the main line, and the report's
@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mcdm.tracking import runs as tracking
 from mcdm.config import Params, load_params
-from mcdm.eval import report
+from mcdm.eval import ablation_tables, report
 from mcdm.experiments import ablate
-from mcdm.train.stages import SHARED_STAGE1
+from mcdm.tracking import runs as tracking
+from mcdm.train.stages.denoiser_stages import SHARED_STAGE1
 
 
 # ---------------------------------------------------------------------------------------- members
@@ -78,38 +78,38 @@ def test_members_are_never_the_main_line(monkeypatch):
 
 # ---------------------------------------------------------------------------------------- report maths
 def test_mean_and_sample_std_over_seeds():
-    mean, std, n = report.mean_std([1.0, 2.0, 4.0])
+    mean, std, n = ablation_tables.mean_std([1.0, 2.0, 4.0])
     assert (mean, n) == (pytest.approx(7 / 3), 3)
     assert std == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
-    assert report.mean_std([5.0]) == (5.0, None, 1)  # one seed: no spread to report
-    assert report.mean_std([None, float("nan")]) == (None, None, 0)
+    assert ablation_tables.mean_std([5.0]) == (5.0, None, 1)  # one seed: no spread to report
+    assert ablation_tables.mean_std([None, float("nan")]) == (None, None, 0)
 
 
 def test_ordering_line_says_whether_the_papers_order_holds():
-    fid = report.METRICS[0]
-    ssim = next(m for m in report.METRICS if m.key == "ssim")
+    fid = ablation_tables.METRICS[0]
+    ssim = next(m for m in ablation_tables.METRICS if m.key == "ssim")
     holds = {"full": 1.0, "wo_mta": 2.0, "wo_fpc": 3.0, "wo_fa": 4.0}
-    assert report.ordering(holds, fid)["holds"] is True  # lower FID is better
-    assert report.ordering(holds, ssim)["holds"] is False  # higher SSIM is better: reversed
-    assert report.ordering({**holds, "wo_mta": 1.0}, fid)["holds"] is False  # a tie is not "better"
-    missing = report.ordering({"full": 1.0, "wo_fa": 2.0}, fid)
+    assert ablation_tables.ordering(holds, fid)["holds"] is True  # lower FID is better
+    assert ablation_tables.ordering(holds, ssim)["holds"] is False  # higher SSIM is better: reversed
+    assert ablation_tables.ordering({**holds, "wo_mta": 1.0}, fid)["holds"] is False  # a tie is not "better"
+    missing = ablation_tables.ordering({"full": 1.0, "wo_fa": 2.0}, fid)
     assert missing["holds"] is None and missing["missing"] == ["wo_mta", "wo_fpc"]
     rows = [{"variant": v, "fid_mean": x} for v, x in {"full": 3.0, "wo_mta": 1.0, "wo_fpc": 2.0, "wo_fa": 4.0}.items()]
-    line = report.ordering_line(rows, fid)
+    line = ablation_tables.ordering_line(rows, fid)
     assert "does not hold" in line and "wo_mta > wo_fpc > full > wo_fa" in line
-    tied = report.ordering_line([{"variant": v, "fid_mean": 1.0} for v in report.PAPER_ORDER], fid)
+    tied = ablation_tables.ordering_line([{"variant": v, "fid_mean": 1.0} for v in ablation_tables.PAPER_ORDER], fid)
     assert "does not hold" in tied and "full = wo_mta = wo_fpc = wo_fa" in tied
-    for variant, paper in report.PAPER_VARIANTS.items():  # the constants are the paper's: its order holds
-        assert set(paper) == {m.key for m in report.METRICS}, variant
-    for m in report.METRICS:
-        assert report.ordering({v: report.PAPER_VARIANTS[v][m.key] for v in report.PAPER_ORDER}, m)["holds"], m.key
+    for variant, paper in ablation_tables.PAPER_VARIANTS.items():  # the constants are the paper's: its order holds
+        assert set(paper) == {m.key for m in ablation_tables.METRICS}, variant
+    for m in ablation_tables.METRICS:
+        assert ablation_tables.ordering({v: ablation_tables.PAPER_VARIANTS[v][m.key] for v in ablation_tables.PAPER_ORDER}, m)["holds"], m.key
 
 
 def _member(variant: str, seed: int, alpha=None, **values) -> dict:
     kind = "ablation" if alpha is None else "sweep"
     name = f"{variant}-s{seed}" if alpha is None else f"alpha-{alpha}"
-    metrics = {m.key: values.get(m.key, 1.0) for m in (*report.METRICS, report.IDENTITY)}
-    metrics.update({f"{m.key}_backend": f"backend-{m.key}" for m in (*report.METRICS, report.IDENTITY)})
+    metrics = {m.key: values.get(m.key, 1.0) for m in (*ablation_tables.METRICS, ablation_tables.IDENTITY)}
+    metrics.update({f"{m.key}_backend": f"backend-{m.key}" for m in (*ablation_tables.METRICS, ablation_tables.IDENTITY)})
     stages = ablate.member_stages(variant, kind)
     metrics.update({"params_hash": f"hash-{name}", "variant": variant,
                     "long_term": {"identity_drift": values.get("drift", 0.0)},
@@ -163,7 +163,7 @@ def test_report_tables_hold_mean_and_std_over_seeds(hand_made):
         assert table.loc[variant, "fid_mean"] == pytest.approx(np.mean(values))
         assert table.loc[variant, "fid_std"] == pytest.approx(np.std(values, ddof=1))
         assert table.loc[variant, "fid_backend"] == "backend-fid"
-        assert table.loc[variant, "paper_fid"] == report.PAPER_VARIANTS[variant]["fid"]
+        assert table.loc[variant, "paper_fid"] == ablation_tables.PAPER_VARIANTS[variant]["fid"]
     md = (reports / "ablations.md").read_text()
     assert "11 ± 1.4 / 42.08" in md  # full: mean ± std / the paper's Table 4
     assert "- FID: the paper's ordering full > wo_mta > wo_fpc > wo_fa holds" in md
@@ -188,8 +188,8 @@ def test_report_lists_missing_inputs_and_invents_nothing(hand_made):
     assert "| motion | 2.1 | 3.9 | n/a |" in text and "| frame change | 0.4 | n/a | n/a |" in text
     assert "ours 0.6 at alpha 0.1 -> 0.3 at alpha 0.9, falls at every step" in text
     wo_mta_ssim = np.mean([0.5 - 0.13, 0.5 - 0.14])
-    assert f"wo_mta level (mean of the wo_mta members): SSIM {report.fmt(wo_mta_ssim)}" in text
-    assert "DECISIONS #20): yes" in text  # full's identity drift (0.11) <= wo_fa's (0.21)
+    assert f"wo_mta level (mean of the wo_mta members): SSIM {ablation_tables.fmt(wo_mta_ssim)}" in text
+    assert "decisions.md #20): yes" in text  # full's identity drift (0.11) <= wo_fa's (0.21)
     assert len(done["missing"]) == 2 + 4 + 0  # two files, four members
 
 

@@ -8,21 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from mcdm.pipelines import base_loading as loading
-from mcdm.models.reference_tokens import ReferenceTokens
-from mcdm.train.base_models.unet import SD15_SCHEDULER, make_scheduler, tiny_unet_config, train_unet
-from mcdm.train.base_models.vae import (
-    VaePsnrNotReached,
-    encode_latents,
-    psnr,
-    reconstruct,
-    tiny_vae_config,
-    to_model_range,
-    to_uint8,
-    train_vae,
-)
 from mcdm.config import Params
 from mcdm.errors import McdmError
+from mcdm.media import layout
+from mcdm.models.frozen import load_frozen_encoders
+from mcdm.models.reference_tokens import ReferenceTokens
+from mcdm.models.schedulers import SD15_SCHEDULER, make_scheduler
+from mcdm.models.vae import encode_latents, load_vae, psnr, reconstruct, to_model_range, to_uint8
+from mcdm.pipelines.loading import load_base_models, load_unet
+from mcdm.train.base_models.unet import train_unet
+from mcdm.train.base_models.vae import VaePsnrNotReached, train_vae
+from mcdm.train.builders import tiny_unet_config, tiny_vae_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_params(**base_models) -> Params:
@@ -41,14 +39,6 @@ def easy_frames(n: int, seed: int, side: int = 32) -> np.ndarray:
     rng = np.random.default_rng(seed)
     small = rng.integers(30, 225, (n, 3, 3, 3)).astype(np.uint8)
     return np.stack([cv2.resize(s, (side, side), interpolation=cv2.INTER_LINEAR) for s in small])
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_psnr_matches_scikit_image():
@@ -151,13 +141,13 @@ def test_loader_round_trip_and_strictness(tmp_path):
     vae.register_to_config(scaling_factor=0.7)
     unet = UNet2DConditionModel(**tiny_unet_config(params.model, 8))
     tok = ReferenceTokens()
-    vae.save_pretrained(tmp_path / loading.VAE)
-    unet.save_pretrained(tmp_path / loading.UNET)
-    tok.save_pretrained(tmp_path / loading.REF_TOKENS)
-    make_scheduler().save_pretrained(tmp_path / loading.SCHEDULER)
-    (tmp_path / loading.ENCODERS_JSON).write_text(json.dumps({"audio": {"backend": "logmel", "dim": 80},
+    vae.save_pretrained(tmp_path / layout.VAE)
+    unet.save_pretrained(tmp_path / layout.UNET)
+    tok.save_pretrained(tmp_path / layout.REF_TOKENS)
+    make_scheduler().save_pretrained(tmp_path / layout.SCHEDULER)
+    (tmp_path / layout.ENCODERS_JSON).write_text(json.dumps({"audio": {"backend": "logmel", "dim": 80},
                                                                 "image": {"backend": "dlib+vae", "dim": 144}}))
-    base = loading.load_base_models(tmp_path)
+    base = load_base_models(tmp_path)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     z, t, e = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 16, 64)
     with torch.no_grad():
@@ -166,20 +156,20 @@ def test_loader_round_trip_and_strictness(tmp_path):
         assert torch.equal(base.ref_tokens(z), tok(z))
     assert base.vae.config.scaling_factor == 0.7 and base.latent_shape == (4, 8, 8)
     assert not any(p.requires_grad for p in base.vae.parameters())
-    assert loading.load_audio_encoder(tmp_path).name == "logmel"
-    assert loading.load_identity_encoder(tmp_path).name == "dlib+vae"
+    assert load_frozen_encoders(**layout.frozen_encoder_paths(tmp_path)).audio.name == "logmel"
+    assert load_frozen_encoders(**layout.frozen_encoder_paths(tmp_path)).identity.name == "dlib+vae"
     # weights that do not match their config are refused
     bad = tmp_path / "bad"
     other = UNet2DConditionModel(**{**tiny_unet_config(params.model, 8), "cross_attention_dim": 32})
-    other.save_pretrained(bad / loading.UNET)
-    (bad / loading.UNET / "config.json").write_text((tmp_path / loading.UNET / "config.json").read_text())
+    other.save_pretrained(bad / layout.UNET)
+    (bad / layout.UNET / "config.json").write_text((tmp_path / layout.UNET / "config.json").read_text())
     with pytest.raises((McdmError, ValueError, RuntimeError)):
-        loading.load_unet(bad)
+        load_unet(bad)
 
 
 def test_missing_stage_output_names_the_stage(tmp_path):
     with pytest.raises(McdmError, match="dvc repro base_models"):
-        loading.load_vae(tmp_path)
+        load_vae(layout.base_path(tmp_path, layout.VAE))
 
 
 def test_given_unet_must_fit_the_vae_and_the_prior_width():

@@ -1,6 +1,6 @@
 """The generation benchmark's full-history softmax baseline (benchmarks/full_history_attention.py).
 
-Counts shapes and bytes only (DECISIONS #14); the timings are the benchmark's business.
+Counts shapes and bytes only (decisions.md #14); the timings are the benchmark's business.
 """
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from bench_scripts import load_benchmark
 from diffusers.models.attention_processor import Attention
 from einops import rearrange
 
-from bench_scripts import load_benchmark
 from mcdm.errors import McdmError
 from mcdm.models.temporal_attention import (
     MemoryTemporalAttnProcessor,

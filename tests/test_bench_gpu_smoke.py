@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from bench_scripts import load_benchmark
+from conftest import TINY_TRAINING
 from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
 
-TINY = {"model": {"block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "norm_num_groups": 16,
-                  "attention_head_dim": 2, "prior_dim": 32, "clip_frames": 4, "archived_frames": 2, "num_queries": 2,
-                  "patch_size": 2, "mta_features": 8, "prior_layers": 1, "prior_heads": 4, "lip_dim": 8,
-                  "expression_dim": 6, "landmark_guider_channels": [8, 8, 16, 16], "audio_dim": 80,
+# the unit tests' tiny training model, with the SD layout's block types the paper profile names
+TINY = {"model": {**TINY_TRAINING["model"], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "audio_dim": 80,
                   "gradient_checkpointing": False},
         "train": {"stage3": {"batch_size": 2}}}
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from bench_scripts import load_benchmark
-from mcdm.errors import McdmError
 
+from mcdm.errors import McdmError
 
 
 def _bench():

@@ -9,8 +9,17 @@ import pytest
 import yaml
 
 from mcdm.config import (
-    DATA_FILTERS, MOVED, PROFILES, DataParams, EvalParams, Params, ParamsError, dump_params, load_params,
-    profile_params, validate,
+    DATA_FILTERS,
+    MOVED,
+    PROFILES,
+    DataParams,
+    EvalParams,
+    Params,
+    ParamsError,
+    dump_params,
+    load_params,
+    profile_params,
+    validate,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +84,7 @@ def test_cli_reports_bad_params_as_one_line(tmp_path):
 
 
 def _old_layout(params: Params) -> dict:
-    """``params`` as a params.yaml from before DECISIONS #18's map (the five sections at top level)."""
+    """``params`` as a params.yaml from before decisions.md #18's map (the five sections at top level)."""
     raw = params.model_dump(mode="json")
     for old, new in MOVED.items():
         section, key = new.split(".")
@@ -87,7 +96,7 @@ def _old_layout(params: Params) -> dict:
 def test_a_moved_section_fails_in_one_line_naming_where_it_went(old):
     with pytest.raises(ParamsError) as err:
         validate({old: {}}, "params.yaml")
-    assert str(err.value) == f"params.yaml: {old}: moved to {MOVED[old]} (DECISIONS #18)"
+    assert str(err.value) == f"params.yaml: {old}: moved to {MOVED[old]} (decisions.md #18)"
 
 
 def test_cli_reports_an_old_params_yaml_as_one_line_naming_every_move(tmp_path):
@@ -100,14 +109,14 @@ def test_cli_reports_an_old_params_yaml_as_one_line_naming_every_move(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "extra inputs" not in lines[0] and "unknown key" not in lines[0], proc.stderr
-    assert f"{old}: quality: moved to data.quality; " in lines[0] and lines[0].endswith(" (DECISIONS #18)")
+    assert f"{old}: quality: moved to data.quality; " in lines[0] and lines[0].endswith(" (decisions.md #18)")
     for section, where in MOVED.items():
         assert f"{section}: moved to {where}" in lines[0]
 
 
 def test_an_old_profile_overlay_fails_naming_the_move(tmp_path):
     (tmp_path / "micro.yaml").write_text("open_set:\n  max_pairs: 2\n")
-    with pytest.raises(ParamsError, match=r"micro\.yaml: open_set: moved to eval\.open_set \(DECISIONS #18\)$"):
+    with pytest.raises(ParamsError, match=r"micro\.yaml: open_set: moved to eval\.open_set \(decisions.md #18\)$"):
         profile_params("micro", tmp_path)
 
 
@@ -126,7 +135,7 @@ def test_params_hash_changes_with_alpha():
 
 
 # ---------------------------------------------------------------------------------------- dvc.yaml params
-# Sub-sections that only their own stages read (DECISIONS #18), and the one key of them other stages read.
+# Sub-sections that only their own stages read (decisions.md #18), and the one key of them other stages read.
 OWN_STAGES = {"data.quality": {"quality"}, "data.syncnet": {"syncnet_train", "sync_filter"}, "data.split": {"split"},
               "eval.open_set": {"open_set"}, "eval.token_figures": {"token_figures"}}
 SHARED_KEYS = {"data.syncnet.max_offset": {"evaluate", "open_set", "ablation", "sweep"}}  # Sync-C / Sync-D's search

@@ -13,15 +13,15 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from test_data_ingest_scenes import moving, other_scene, portrait, speech, synth_talking, synth_video, tiny_params
 
 from mcdm.cli import main
 from mcdm.data.faces import faces
 from mcdm.data.ingest import ingest
-from mcdm.media.io import probe, read_audio
 from mcdm.data.rejects import reason_code
 from mcdm.data.scenes import scenes
 from mcdm.errors import McdmError
-from test_data_ingest_scenes import moving, other_scene, portrait, speech, synth_talking, synth_video, tiny_params
+from mcdm.media.io import probe, read_audio
 
 GOOD = {
     "odd 30fps stereo 44k ü.mp4": dict(fps=30, rate=44100, channels=2),

@@ -11,23 +11,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import ndimage
+from test_data_ingest_scenes import moving, other_scene, portrait, speech, synth_video, tiny_params
 
-from mcdm.face.dlib import DlibFace, Face
-from mcdm.data.faces import (
-    ScrfdDetector,
-    Sample,
-    classify,
-    crop_square,
-    decode_scrfd,
-    face_runs,
-    faces,
-    to_crop_coords,
-)
-from mcdm.media.io import read_frames
+from mcdm.data.faces import faces
 from mcdm.data.quality import blockiness, failures, luma, quality, sharpness
 from mcdm.data.rejects import reason_clip, reason_code
 from mcdm.errors import McdmError
-from test_data_ingest_scenes import moving, other_scene, portrait, speech, synth_video, tiny_params
+from mcdm.face.dlib import DlibFace, Face
+from mcdm.face.scrfd import ScrfdDetector, decode_scrfd
+from mcdm.face.tracks import Sample, TrackSettings, classify, crop_square, face_runs, to_crop_coords
+from mcdm.media.io import read_frames
 
 FPS = 25
 
@@ -109,7 +102,7 @@ def _s(frame, status, x=50.0, side=40.0):
 
 
 def test_face_runs_tolerate_short_gaps_and_split_at_long_gaps_and_jumps():
-    p = tiny_params(max_face_gap_seconds=0.5, max_face_jump=0.5)  # 12.5 frames = 2 missed samples at k=5
+    p = TrackSettings.from_data(tiny_params(max_face_gap_seconds=0.5, max_face_jump=0.5).data)  # 12.5 frames = 2 missed samples at k=5
     ok = [_s(f, "none" if f == 20 else "one") for f in range(0, 100, 5)]
     runs, dropped = face_runs(ok, 100, p)
     assert len(runs) == 1 and len(runs[0]) == 20 and dropped == []

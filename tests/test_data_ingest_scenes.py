@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 
 from mcdm.config import Params
-from mcdm.media.io import probe, read_audio, read_frames
 from mcdm.data.ingest import ingest, list_source, safe_id
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import reason_code
 from mcdm.data.scenes import detect_cuts, scenes, segments
+from mcdm.media.io import probe, read_audio, read_frames
 
 SIDE = 160  # frame side: the astronaut's face is ~80 px, HOG's window at detection scale 1.67
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mcdm.train.base_models.unet import make_scheduler
 from mcdm.models.diffusion_objective import denoising_mse, min_snr_weight, predicted_x0, training_target
+from mcdm.models.schedulers import make_scheduler
 
 
 @pytest.fixture(params=["epsilon", "v_prediction"])

@@ -1,4 +1,4 @@
-"""DECISIONS #24: the micro pipeline's outputs go to a local-folder DVC remote (`dvc remote add -d`,
+"""decisions.md #24: the micro pipeline's outputs go to a local-folder DVC remote (`dvc remote add -d`,
 `dvc push`) and come back into a fresh git clone (`dvc pull`) byte for byte.
 
 What goes to git is what a user commits: everything git sees (dvc.lock, .dvc/config, the .gitignore
@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import tool_env
 from workspace import copy_tree
 

@@ -16,13 +16,9 @@ from skimage.metrics import structural_similarity
 from mcdm.config import EvalParams
 from mcdm.errors import McdmError
 from mcdm.eval import metrics as M
-from mcdm.eval.features import (
-    DlibFrameFeatures,
-    DynamicsVideoFeatures,
-    expression_template,
-    landmark_expression_features,
-)
+from mcdm.eval.face_features import DlibFrameFeatures
 from mcdm.eval.frechet import feature_stats, frechet_distance, frechet_from_features
+from mcdm.eval.landmark_features import DynamicsVideoFeatures, expression_template, landmark_expression_features
 
 # ------------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -141,7 +137,7 @@ def test_fvd_fallback_zero_for_identical_sets_and_large_for_shuffled_frames(face
 
 
 def test_clip_dynamics_parts_tile_the_feature_vector():
-    from mcdm.eval.features import SIGNALS, clip_dynamics, clip_dynamics_parts
+    from mcdm.eval.landmark_features import SIGNALS, clip_dynamics, clip_dynamics_parts
 
     for t in (16, 15, 8):
         rng = np.random.default_rng(t)
@@ -155,7 +151,7 @@ def test_clip_dynamics_parts_tile_the_feature_vector():
 def test_prefetch_in_dask_workers_gives_the_in_process_analysis(heads):
     """Faces analysed in 2 LocalCluster processes (evaluate's prefetch) equal the lazy in-process
     analysis bit for bit; descriptors only where asked, and nothing is redone."""
-    from mcdm.eval.evaluate import descriptor_frames
+    from mcdm.eval.video_metrics import descriptor_frames
 
     video = heads[0][0][:12]
     want = descriptor_frames(len(video), stride=2, clip_frames=8, descriptor_every=4)

@@ -14,33 +14,24 @@ import pandas as pd
 import pytest
 import skimage.data
 import torch
+from conftest import TINY_PIPELINE, tiny
 from safetensors.torch import save_file
 
 from mcdm import cli
-from mcdm.config import Params, dump_params
+from mcdm.config import dump_params
+from mcdm.eval.face_features import DlibFrameFeatures
 from mcdm.media.io import probe
-from mcdm.eval.features import DlibFrameFeatures
-from mcdm.pipelines.mcdm import MCDMPipeline, build_untrained_pipeline
 from mcdm.models.sync.syncnet import SyncNet
+from mcdm.pipelines.loading import load_pipeline
+from mcdm.train.builders import build_untrained_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIDE, FPS, RATE = 64, 25.0, 16000
-TINY = dict(
-    model={"clip_frames": 4, "archived_frames": 2, "block_out_channels": [16, 32], "norm_num_groups": 8,
-           "prior_inference_steps": 2, "prior_layers": 1},
-    base_models={"vae_block_out_channels": [8, 8, 8, 8]},
-    eval={"steps": 2, "threads": 1, "clip_seconds": None, "batch_size": 2, "fvd_clip_frames": 4, "long_term_seconds": 0.6,
-          "long_term_every": 5, "n_samples": 1, "grid_clips": 2, "grid_times": 2},
-)
+EVAL = {"steps": 2, "threads": 1, "clip_seconds": None, "batch_size": 2, "fvd_clip_frames": 4, "long_term_seconds": 0.6,
+        "long_term_every": 5, "n_samples": 1, "grid_clips": 2, "grid_times": 2}
 CLIPS = {"a_test": ("test", 8, False), "b_test": ("test", 9, False), "c_long": ("test", 20, True),
          "d_train": ("train", 4, False)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _head_video(n: int, phase: float) -> np.ndarray:
@@ -59,7 +50,7 @@ def _head_video(n: int, phase: float) -> np.ndarray:
 def project(tmp_path_factory):
     """features/ (index + per-clip files), models/ laid out as the stages write it, a SyncNet, params.yaml."""
     root = tmp_path_factory.mktemp("evaluate")
-    params = Params(**TINY)
+    params = tiny(TINY_PIPELINE, eval=EVAL)
     (root / "params.yaml").write_text(dump_params(params))
     # 1. features of the features stage (the arrays evaluate reads)
     feats = root / "features"
@@ -115,7 +106,7 @@ def _strict_json(path):
 def test_models_folder_and_registry_bundle_load_as_the_pipeline(project, tmp_path):
     root, params = project
     models = root / "models"
-    pipe = MCDMPipeline.from_checkpoint(models, params)
+    pipe = load_pipeline(models, params)
     assert pipe.variant == "full" and pipe.landmark_guider is not None and pipe.head_encoder is not None
     assert pipe.config.provenance["params_hash"] == params.hash()
     # the folder stage 3 registers (mcdm.train.stages.registry_bundle): every component side by side
@@ -127,7 +118,7 @@ def test_models_folder_and_registry_bundle_load_as_the_pipeline(project, tmp_pat
     shutil.copy(models / "base" / "encoders.json", bundle / "encoders.json")
     shutil.copy(models / "stage3" / "stage.json", bundle / "stage3.json")
     (bundle / "params.yaml").write_text(dump_params(params))
-    again = MCDMPipeline.from_checkpoint(bundle)  # no params given: the bundle's own
+    again = load_pipeline(bundle)  # no params given: the bundle's own
     assert again.variant == "full" and again.head_encoder is not None and again.config.clip_frames == 4
     for name, tensor in pipe.denoiser.state_dict().items():
         torch.testing.assert_close(again.denoiser.state_dict()[name], tensor)

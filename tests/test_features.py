@@ -11,10 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from mcdm.pipelines import base_loading as loading
-from mcdm.train.base_models.pretrain import build_base_models
 from mcdm.config import Params
 from mcdm.errors import McdmError
+from mcdm.media import layout
+from mcdm.models.frozen import load_frozen_encoders
+from mcdm.models.vae import load_vae
+from mcdm.pipelines.loading import load_base_models, load_ref_tokens
+from mcdm.train.base_models.pretrain import build_base_models
 
 RES, T, FPS = 64, 30, 25.0
 
@@ -134,7 +137,7 @@ def test_base_models_layout_and_encoders_json(base_dir):
     from PIL import Image
 
     assert Image.open(base_dir / "vae_recon.png").size[1] == 2 * 64 * 3  # originals over reconstructions
-    base = loading.load_base_models(base_dir)
+    base = load_base_models(base_dir)
     assert base.latent_shape == (4, 8, 8)
     assert base.unet.config.cross_attention_dim == Params().model.prior_dim
     assert base.vae.config.scaling_factor == pytest.approx(enc["vae"]["scaling_factor"])
@@ -156,8 +159,8 @@ def test_psnr_gate_failure_stops_the_stage_in_one_line(clips, tmp_path):
 def test_feature_files_hold_aligned_arrays(clips, base_dir, features_dir):
     from safetensors.torch import load_file
 
-    from mcdm.train.base_models.vae import to_model_range
     from mcdm.media.io import read_audio, read_frames
+    from mcdm.models.vae import to_model_range
 
     index = pd.read_parquet(features_dir / "index.parquet")
     assert set(index["clip_id"]) == set(clips["table"].iloc[[0, 1, 2, 3, 5]]["clip_id"])
@@ -179,14 +182,14 @@ def test_feature_files_hold_aligned_arrays(clips, base_dir, features_dir):
     np.testing.assert_array_equal(f["frames"].permute(0, 2, 3, 1).numpy(), frames[:t])
     np.testing.assert_allclose(f["waveform"].numpy(), read_audio(row["crop_path"])[: len(f["waveform"])], atol=1e-6)
     # latents = VAE posterior mean x scaling_factor, recomputed here directly with diffusers
-    vae = loading.load_vae(base_dir)
+    vae = load_vae(layout.base_path(base_dir, layout.VAE))
     with torch.no_grad():
         z = vae.encode(to_model_range(frames[:4])).latent_dist.mean * vae.config.scaling_factor
     torch.testing.assert_close(f["latents"][:4], z, atol=1e-5, rtol=1e-4)
     # landmarks as given by the faces stage; the reference embedding is frame 0's
     with np.load(row["landmarks_path"]) as npz:
         np.testing.assert_allclose(f["landmarks"].numpy(), npz["landmarks"][:t])
-    ident = loading.load_identity_encoder(base_dir)
+    ident = load_frozen_encoders(**layout.frozen_encoder_paths(base_dir)).identity
     np.testing.assert_allclose(f["ref_embedding"].numpy(), ident(frames[0], npz_lm0(row)), atol=1e-5)
     # audio features: a louder half-second shows up as more mel energy in those frames only
     assert np.isfinite(f["audio"].numpy()).all()
@@ -248,9 +251,8 @@ def test_given_weights_are_loaded_resaved_and_used(clips, tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Wav2Vec2Config, Wav2Vec2Model
 
-    from mcdm.train.base_models.unet import tiny_unet_config
-    from mcdm.train.base_models.vae import tiny_vae_config
     from mcdm.data.features import features
+    from mcdm.train.builders import tiny_unet_config, tiny_vae_config
 
     params = tiny_params()
     torch.manual_seed(0)
@@ -276,7 +278,7 @@ def test_given_weights_are_loaded_resaved_and_used(clips, tmp_path):
     assert not (base / "ref_tokens").exists()  # nothing pretrained here
     assert list((base / "audio_encoder").glob("*.safetensors")) and (base / "audio_encoder" / "preprocessor_config.json").exists()
     assert list((base / "image_encoder").glob("*.safetensors"))
-    assert loading.load_ref_tokens(base) is None
+    assert load_ref_tokens(base) is None
 
     split = tmp_path / "split"
     split.mkdir()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from mcdm.train.base_models.unet import make_scheduler
 from mcdm.errors import McdmError
 from mcdm.models.frame_noise import frame_correlated_noise
-from mcdm.train.stages import diffusion_mse
+from mcdm.models.schedulers import make_scheduler
+from mcdm.train.stages.losses import diffusion_mse
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.3, 0.8])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, free_port
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -34,7 +33,7 @@ def _browser():
 def _short_training_run(project: Path) -> tuple[str, list[str]]:
     """Three stage runs under one parent, each a real (tiny) optimisation logging its loss, and a
     registered model version — what the pipeline's stages log, on a toy model."""
-    from diffusers import ModelMixin, ConfigMixin
+    from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
 
     from mcdm.config import Params

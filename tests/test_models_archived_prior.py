@@ -9,16 +9,10 @@ from scipy.special import softmax
 from mcdm.errors import McdmError
 from mcdm.models.archived_prior import ArchivedClipPrior, sincos_2d
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 B, A, C, H, W = 2, 3, 4, 8, 8
 D, N_QUERIES, PATCH = 32, 5, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

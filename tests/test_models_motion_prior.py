@@ -7,24 +7,20 @@ import torch
 from diffusers import DDPMScheduler
 
 from mcdm.errors import McdmError
-from mcdm.models.encoders import load_strict
+from mcdm.models.loading import load_strict
 from mcdm.models.motion_prior import (
     FiLM,
     MultimodalCausalBlock,
     PresentClipMotionPrior,
     frame_causal_mask,
 )
+from mcdm.train.builders import motion_prior_from_params
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 B, F_, A, E, LM = 2, 5, 12, 20, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 TINY = dict(audio_dim=A, ref_dim=E, head_dim=6, lip_dim=4, expression_dim=5, landmark_dim=LM, dim=32,
             num_layers=2, num_heads=4, ff_mult=2, num_train_timesteps=100)
 
@@ -222,7 +218,7 @@ def test_from_params_builds_the_configured_prior():
     from mcdm.config import Params
 
     m = Params().model
-    prior = PresentClipMotionPrior.from_params(m, audio_dim=80, ref_dim=144, landmark_dim=512)
+    prior = motion_prior_from_params(m, audio_dim=80, ref_dim=144, landmark_dim=512)
     cfg = prior.config
     assert (cfg.dim, cfg.num_layers, cfg.lip_dim, cfg.expression_dim, cfg.p_drop_landmarks) == (
         m.prior_dim, m.prior_layers, m.lip_dim, m.expression_dim, m.p_drop_landmarks)

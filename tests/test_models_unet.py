@@ -9,6 +9,8 @@ from mcdm.errors import McdmError
 from mcdm.models.temporal_attention import FullHistorySoftmaxAttnProcessor, detach_memory
 from mcdm.models.unet import MCDMUNet, map_unet2d_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 B, F, H, W = 2, 4, 8, 8
 D_ARCH, D_PRES = 32, 24
 TINY_SD = dict(
@@ -22,14 +24,6 @@ SD15 = dict(
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +202,9 @@ def test_landmark_residual_and_input_errors(sd_unet):
 def test_warm_started_denoiser_reads_what_the_base_unet_was_pretrained_on(sd_unet):
     """Stage 1's start (model.archived_prior_init: reference_tokens): every archived frame is the
     reference at the first clip, and the denoiser then predicts what the base UNet predicts for each
-    frame given the base reference tokens of the reference (DECISIONS #1's pretraining condition)."""
+    frame given the base reference tokens of the reference (decisions.md #1's pretraining condition)."""
+    from mcdm.models.denoiser import MCDMDenoiser
     from mcdm.models.reference_tokens import ReferenceTokens
-    from mcdm.models.variants import MCDMDenoiser
 
     torch.manual_seed(2)
     ref_tokens = ReferenceTokens(latent_channels=4, sample_size=H, patch_size=2, dim=D_ARCH).eval()

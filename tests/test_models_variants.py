@@ -7,24 +7,13 @@ from diffusers import UNet2DConditionModel
 
 from mcdm.config import VARIANTS, Params
 from mcdm.errors import McdmError
-from mcdm.models.variants import (
-    STAGE_GROUPS,
-    MCDMDenoiser,
-    QFormerPrior,
-    ReferenceUNetPrior,
-    build_denoiser,
-    denoiser_config,
-)
+from mcdm.models.denoiser import STAGE_GROUPS, MCDMDenoiser
+from mcdm.models.variants import QFormerPrior, ReferenceUNetPrior
+from mcdm.train.builders import build_denoiser, denoiser_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 B, F, A, H, W = 2, 4, 4, 8, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _params(variant: str = "full", **model) -> Params:

@@ -1,4 +1,4 @@
-"""The open-set table, the lip-token heatmap and the t-SNE of expression tokens (DECISIONS #23).
+"""The open-set table, the lip-token heatmap and the t-SNE of expression tokens (decisions.md #23).
 
 Unit tests on hand-made inputs: the open-set aggregation (means per audio language and overall, the
 reasons of missing values), the pair inputs read from feature files or, for a clip the features stage
@@ -283,7 +283,7 @@ def test_micro_open_set_is_logged_to_mlflow_and_on_the_registered_version(micro_
     assert runs and runs[0].data.metrics["n_pairs"] == summary["n_pairs"]
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "open_set")}
     assert artifacts == {"open_set/open_set.csv", "open_set/open_set.json"}
-    from mcdm.eval.evaluate import _model_version, _stage3_info
+    from mcdm.eval.record import _model_version, _stage3_info
 
     version, run_id = _model_version(client, params, _stage3_info(micro_pipeline / "models"))  # evaluate's lookup
     assert version is not None

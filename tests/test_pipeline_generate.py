@@ -9,34 +9,24 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from conftest import TINY_PIPELINE, tiny
 from PIL import Image
 
 from mcdm import cli
 from mcdm.config import Params, dump_params
 from mcdm.media.io import probe, read_audio, write_video, write_wav
-from mcdm.pipelines.mcdm import MCDMPipeline, build_untrained_pipeline
-from mcdm.pipelines.preprocessing import crop_portrait
+from mcdm.pipelines.mcdm import MCDMPipeline
+from mcdm.pipelines.preprocessing import crop_portrait, driving_landmarks
+from mcdm.pipelines.video import generate_video
+from mcdm.train.builders import build_untrained_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 F, A = 4, 2  # clip frames, archived frames
-TINY = dict(
-    model={"clip_frames": F, "archived_frames": A, "block_out_channels": [16, 32], "norm_num_groups": 8,
-           "prior_inference_steps": 2, "prior_layers": 1},
-    base_models={"vae_block_out_channels": [8, 8, 8, 8]},
-    eval={"steps": 2},
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def params() -> Params:
-    return Params(**TINY)
+    return tiny(TINY_PIPELINE)
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +128,18 @@ def test_landmark_video_drives_generation(pipe, params, tmp_path):
     face = skimage.data.astronaut()[:320, 60:380]
     frames = [np.roll(face, (0, 2 * i), axis=(0, 1)) for i in range(8)]
     write_video(tmp_path / "drive.mp4", np.stack(frames), fps=params.data.fps)
-    marks, pose = pipe.prepare_driving(tmp_path / "drive.mp4", 8)
+    track = driving_landmarks(tmp_path / "drive.mp4", params.data, 8)
+    marks, pose = pipe.prepare_driving(track.landmarks, 8)
     side = params.data.resolution
     assert marks.shape == (1, 8, 68, 2) and pose.shape == (1, 8, 6)
     assert ((marks > -0.1 * side) & (marks < 1.1 * side)).all()
     out = pipe(skimage.data.astronaut(), np.zeros(16000, np.float32) + 0.01, seconds=8 / params.data.fps,
-               landmarks=tmp_path / "drive.mp4", generator=torch.Generator().manual_seed(0))
+               landmarks=track.landmarks, generator=torch.Generator().manual_seed(0))
     assert out.frames.shape == (8, side, side, 3)
+    video = generate_video(pipe, skimage.data.astronaut(), np.zeros(16000, np.float32) + 0.01, tmp_path / "out.mp4",
+                           seconds=8 / params.data.fps, landmarks=tmp_path / "drive.mp4",
+                           generator=torch.Generator().manual_seed(0))
+    assert probe(video.path).n_frames == 8
 
 
 def test_generate_cli_writes_mp4_with_audio(files, capsys):
@@ -177,7 +172,7 @@ def _bad(files, tmp_path, case: str) -> list[str]:
         write_wav(tmp_path / "silence.wav", np.zeros(0, np.float32))
         args["audio"] = tmp_path / "silence.wav"
     elif case == "other variant":
-        other = build_untrained_pipeline(Params(variant="wo_fa", **TINY))
+        other = build_untrained_pipeline(tiny(TINY_PIPELINE, variant="wo_fa"))
         other.save_pretrained(tmp_path / "wo_fa_ckpt")
         args["checkpoint"] = tmp_path / "wo_fa_ckpt"
     return ["--params", str(files / "params.yaml"), "generate", "--ref", str(args["ref"]), "--audio", str(args["audio"]),

@@ -1,4 +1,4 @@
-"""The work-pool path (DECISIONS #17), no mocks: on a real Prefect server (free loopback port),
+"""The work-pool path (decisions.md #17), no mocks: on a real Prefect server (free loopback port),
 `python flows/deploy.py --pool NAME` deploys flows/serve.py's deployments from the project's own folder
 to a process pool, and a real `prefect worker start --pool NAME` (started and stopped by its pid)
 runs one of them through `prefect deployment run ... --watch` to Completed."""
@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, tool_env
 from workspace import copy_tree
 

@@ -2,15 +2,13 @@
 through `prefect deployment run ... --watch` exactly as a user does (no mocks)."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT, free_port, tool_env
+from conftest import ROOT, tool_env
 
 sys.path.insert(0, str(ROOT / "flows"))
 

@@ -1,4 +1,4 @@
-"""The README is a tested user guide (DECISIONS #13): its fenced commands run, on the micro profile.
+"""The README is a tested user guide (decisions.md #13): its fenced commands run, on the micro profile.
 
 Every fenced shell block of README.md carries a marker on the line before its fence:
 
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, VENV_BIN, free_port, tool_env
 from workspace import copy_tree
 
@@ -137,7 +136,7 @@ def user(micro_pipeline, tmp_path_factory):
 
 
 def exp_run_reruns_only_what_reads_alpha(out: str, root: Path, env: dict) -> None:
-    """The Experiments section's claim (DECISIONS #10, issue 6): `dvc exp run -S alpha=0.5` re-runs
+    """The Experiments section's claim (decisions.md #10, issue 6): `dvc exp run -S alpha=0.5` re-runs
     only train_stage3 and the stages after it that read its model (evaluate, open_set, report), and
     `dvc exp show` lists the experiment with alpha 0.5 and its metrics beside the baseline."""
     ran = set(re.findall(r"Running stage '([^']+)'", out))

@@ -15,13 +15,19 @@ import numpy as np
 import pytest
 
 from mcdm.config import Params, SampleParams, dump_params
-from mcdm.face.dlib import DlibFace, descriptor_distance
-from mcdm.media.io import MediaError, probe, read_audio, read_frames
 from mcdm.data.sample.defects import CLEAN_KINDS, DEFECT_KINDS, KINDS
-from mcdm.data.sample.generator import (MANIFEST_COLUMNS, TRUTH_KEYS, defect_counts, generate_sample,
-                                        plan_videos, read_manifest)
+from mcdm.data.sample.generator import (
+    MANIFEST_COLUMNS,
+    TRUTH_KEYS,
+    defect_counts,
+    generate_sample,
+    plan_videos,
+    read_manifest,
+)
 from mcdm.data.sample.speech import LANGUAGES, SENTENCES, ESpeak
 from mcdm.errors import McdmError
+from mcdm.face.dlib import DlibFace, descriptor_distance
+from mcdm.media.io import MediaError, probe, read_audio, read_frames
 
 SMALL = SampleParams(n_videos=12, n_long=1, long_seconds=20.0, time_scale=0.4, seed=3)
 FPS = 25

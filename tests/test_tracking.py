@@ -15,20 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, tool_env
 from mlflow import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
-
-from conftest import free_port, tool_env
-from mcdm.config import Params
-from mcdm.media.io import write_video
-from mcdm.tracking.runs import (
-    PARENT_RUN_ENV, PIPELINE_TAG, Tracker, TrackingUnavailable, default_tracking_uri, image_grid, project_root,
-    promote_by_metric, register_stage_model, run_tags, stage_run, start_parent_run, tracking_uri,
+from test_train_engine import (
+    ToyData,
+    _restore_torch_globals,  # noqa: F401 -- autouse: train_loop's global switches
+    denoise_loss,
+    make_model,
+    make_spec,
 )
+
+from mcdm.config import Params
+from mcdm.media.images import image_grid
+from mcdm.media.io import write_video
+from mcdm.tracking.backends import PIPELINE_TAG
+from mcdm.tracking.registry import promote_by_metric
+from mcdm.tracking.runs import PARENT_RUN_ENV, Tracker, register_stage_model, run_tags, stage_run, start_parent_run
+from mcdm.tracking.store import TrackingUnavailable, default_tracking_uri, project_root, tracking_uri
 from mcdm.train.engine import train_loop
-from test_train_engine import ToyData, denoise_loss, make_model, make_spec
-from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
 
 RUN_ENV = (PARENT_RUN_ENV, "DVC_ROOT", "DVC_STAGE", "DVC_EXP_NAME", "MLFLOW_TRACKING_URI", "RANK")
 
@@ -136,7 +142,8 @@ def test_stages_of_one_dvc_repro_share_a_parent(env, store, tmp_path):
     (proj / "stage.py").write_text(textwrap.dedent("""\
         import json, sys
         from mcdm.config import Params
-        from mcdm.tracking.runs import project_root, stage_run
+        from mcdm.tracking.store import project_root
+        from mcdm.tracking.runs import stage_run
 
         with stage_run(Params.model_validate({"tracking": {"system_metrics": False}}), sys.argv[1]) as run:
             json.dump({"run": run.run_id, "root": str(project_root())}, open(sys.argv[1] + ".json", "w"))

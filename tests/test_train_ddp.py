@@ -13,13 +13,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
 from conftest import free_port, tool_env
+from safetensors.torch import load_file, save_file
+from test_train_engine import (
+    DS_CONFIG,
+    WEIGHTS,
+    ToyData,
+    _restore_torch_globals,  # noqa: F401 -- autouse: train_loop's global switches
+    make_model,
+)
+
 from mcdm.train.data import StepBatchSampler
-from mcdm.train.engine import TrainSpec, export_pretrained, train_loop
-from test_train_engine import DS_CONFIG, WEIGHTS, ToyData, make_model
-from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
+from mcdm.train.engine import train_loop
+from mcdm.train.export import export_pretrained
+from mcdm.train.spec import TrainSpec
 
 HERE = Path(__file__).resolve()
 STEPS, BATCH = 5, 4

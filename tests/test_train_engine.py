@@ -29,11 +29,11 @@ from torch.utils.data import Dataset
 
 from mcdm.config import Params
 from mcdm.errors import McdmError
+from mcdm.train.checkpoints import CheckpointMismatch, complete_checkpoints, tag_for
 from mcdm.train.data import StepBatchSampler
-from mcdm.train.engine import (
-    CheckpointMismatch, NonFiniteLoss, TrainSpec, complete_checkpoints, export_pretrained,
-    resolve_deepspeed_config, tag_for, train_loop,
-)
+from mcdm.train.engine import NonFiniteLoss, resolve_deepspeed_config, train_loop
+from mcdm.train.export import export_pretrained
+from mcdm.train.spec import TrainSpec
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]

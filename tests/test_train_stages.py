@@ -1,6 +1,6 @@
 """The three MCDM training stages on synthetic feature files (the features stage's keys), a random
 tiny base UNet / VAE and untrained motion encoders, through the real DeepSpeed engine and MLflow:
-per stage, exactly the parameters of DECISIONS #4 receive gradients and change while every other
+per stage, exactly the parameters of decisions.md #4 receive gradients and change while every other
 weight stays bitwise equal; the stages chain through their exports; bad input is one line."""
 from __future__ import annotations
 
@@ -11,45 +11,26 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import TINY_TRAINING, tiny
 from mlflow import MlflowClient
+from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
 
 from mcdm.config import Params
 from mcdm.errors import McdmError
-from mcdm.models.variants import MCDMDenoiser
+from mcdm.media.layout import DENOISER, LANDMARK_GUIDER, MOTION_PRIOR
+from mcdm.models.denoiser import MCDMDenoiser
 from mcdm.train.datasets import ClipRuns, archived_indices, load_feature_set
-from mcdm.train.stages import (
-    DENOISER, LANDMARK_GUIDER, MOTION_PRIOR, build_task, denoiser_for_stage3, run_stage,
-)
+from mcdm.train.stages.denoiser_stages import denoiser_for_stage3
+from mcdm.train.stages.run import build_task, run_stage
 from mcdm.train.synthetic import inputs_for, write_project
-from test_train_engine import _restore_torch_globals  # noqa: F401 -- autouse: train_loop's global switches
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 RES, LATENT, AUDIO_DIM, REF_DIM = 32, 4, 80, 144
-TINY = {
-    "model": {"block_out_channels": [16, 32], "norm_num_groups": 16, "attention_head_dim": 2, "prior_dim": 32,
-              "clip_frames": 4, "archived_frames": 2, "num_queries": 2, "patch_size": 2, "mta_features": 8,
-              "prior_layers": 1, "prior_heads": 4, "lip_dim": 8, "expression_dim": 6,
-              "landmark_guider_channels": [8, 8, 16, 16], "prior_inference_steps": 2},
-    "train": {"checkpoint_every": 2,
-              "stage1": {"steps": 4, "batch_size": 4, "lr": 1e-3},
-              "stage2": {"steps": 30, "batch_size": 4, "lr": 1e-3},
-              "stage3": {"steps": 4, "batch_size": 2, "lr": 1e-3, "clips_per_run": 2}},
-    "tracking": {"system_metrics": False},
-}
 
 
 def tiny_params(**overrides) -> Params:
-    from mcdm.config import deep_merge
-
-    return Params.model_validate(deep_merge(TINY, overrides))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription stalls (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return tiny(TINY_TRAINING, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +43,7 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tracking(project):
     """A sqlite MLflow store inside the project (migrated once for the module)."""
-    from mcdm.tracking.runs import default_tracking_uri
+    from mcdm.tracking.store import default_tracking_uri
 
     uri = default_tracking_uri(project)
     MlflowClient(tracking_uri=uri).search_experiments()
@@ -229,7 +210,7 @@ def test_missing_inputs_name_the_stage_to_run(project, tmp_path, capsys):
     from mcdm.cli import main
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(TINY))
+    params.write_text(yaml.safe_dump(TINY_TRAINING))
     common = ["--params", str(params), "train", "--out", str(tmp_path / "out"), "--checkpoints", str(tmp_path / "ck"),
               "--base", str(project / "models" / "base"), "--motion-encoders", str(project / "models" / "motion_encoders")]
     cases = [
@@ -249,12 +230,12 @@ def test_missing_inputs_name_the_stage_to_run(project, tmp_path, capsys):
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(project, stage1_untrained, tracking,
                                                                          tmp_path, capsys):
     from mcdm.cli import main
-    from mcdm.train.engine import complete_checkpoints
+    from mcdm.train.checkpoints import complete_checkpoints
 
     params = tmp_path / "params.yaml"
     from mcdm.config import deep_merge
 
-    params.write_text(yaml.safe_dump(deep_merge(TINY, {"train": {"checkpoint_every": 1,
+    params.write_text(yaml.safe_dump(deep_merge(TINY_TRAINING, {"train": {"checkpoint_every": 1,
                                                                  "stage2": {"steps": 6, "lr": 1e30}}})))
     rc = main(["--params", str(params), "train", "--stage", "2", "--features", str(project / "data" / "features"),
                "--motion-encoders", str(project / "models" / "motion_encoders"),

@@ -3,7 +3,7 @@
 ``params.yaml`` (what DVC tracks) is this schema's defaults, optionally overlaid with
 ``configs/micro.yaml`` (tests) or ``configs/paper.yaml`` (GPU), written by
 ``mcdm params apply <profile>``. Every stage validates ``params.yaml`` first; an unknown key, a wrong
-type or an out-of-range value stops it with one line naming the key (a section that DECISIONS #18's
+type or an out-of-range value stops it with one line naming the key (a section that decisions.md #18's
 map moved, with where it went: ``MOVED``).
 """
 from __future__ import annotations
@@ -119,7 +119,7 @@ class SampleParams(Section):
 
 
 class BaseModelsParams(Section):
-    """Base models (DECISIONS #1, #2): paper weights from local folders, else tiny ones pretrained here."""
+    """Base models (decisions.md #1, #2): paper weights from local folders, else tiny ones pretrained here."""
 
     vae_path: Optional[str] = Field(None, description="SD-1.5 VAE folder (diffusers format)")
     unet_path: Optional[str] = Field(None, description="SD-1.5 UNet folder (diffusers format)")
@@ -237,7 +237,7 @@ class Stage3Params(StageParams):
 
     steps: int = Field(110, ge=1)
     lr: float = Field(1e-3, gt=0)
-    clips_per_run: int = Field(2, ge=1, description="consecutive clips with the memory carried (DECISIONS #6)")
+    clips_per_run: int = Field(2, ge=1, description="consecutive clips with the memory carried (decisions.md #6)")
 
 
 class TrainParams(Section):
@@ -258,7 +258,7 @@ class TrainParams(Section):
 
 
 class OpenSetParams(Section):
-    """The open-set table (DECISIONS #23; dvc.yaml stage ``open_set``): portraits of the identities the
+    """The open-set table (decisions.md #23; dvc.yaml stage ``open_set``): portraits of the identities the
     split held out (``data.split.open_set_identities``) speaking held-out audio, generated and measured with
     the main line's ``eval`` settings. ``eval.open_set``: no other stage lists it in dvc.yaml, so that
     changing it re-runs only that stage."""
@@ -313,7 +313,7 @@ class EvalParams(Section):
 class AblationParams(Section):
     """The ablation matrix (paper Tables 4-5; dvc.yaml stage ``ablation``) and what every matrix member
     (ablation or sweep, ``mcdm ablate``) costs. A member retrains only the stages its variant changes
-    and takes the others from the main line (DECISIONS #10)."""
+    and takes the others from the main line (decisions.md #10)."""
 
     variants: list[Variant] = Field(
         default_factory=lambda: ["full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2"],
@@ -389,7 +389,7 @@ class ParamsError(ValueError):
 
 PROFILES = ("default", "micro", "paper")
 
-# Sections that were top level before the params map of DECISIONS #18: an old params.yaml or profile
+# Sections that were top level before the params map of decisions.md #18: an old params.yaml or profile
 # naming one stops with where it went (rather than pydantic's "unknown key").
 MOVED = {"quality": "data.quality", "syncnet": "data.syncnet", "split": "data.split",
          "open_set": "eval.open_set", "token_figures": "eval.token_figures"}
@@ -413,7 +413,7 @@ def _moved(raw: Any, source: str) -> Optional[str]:
     moved = [k for k in MOVED if isinstance(raw, dict) and k in raw]
     if not moved:
         return None
-    return f"{source}: " + "; ".join(f"{k}: moved to {MOVED[k]}" for k in moved) + " (DECISIONS #18)"
+    return f"{source}: " + "; ".join(f"{k}: moved to {MOVED[k]}" for k in moved) + " (decisions.md #18)"
 
 
 def validate(raw: dict[str, Any] | None, source: str = "params") -> Params:
@@ -444,6 +444,21 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     for k, v in overlay.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def with_overrides(params: Params, assignments: list[str], source: str = "--set") -> Params:
+    """``params`` with ``key.sub=value`` assignments (values parsed as YAML) applied and validated."""
+    overlay: dict = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"{source} {item!r}: expected KEY=VALUE")
+        node = overlay
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return validate(deep_merge(params.model_dump(mode="json"), overlay), source) if overlay else params
 
 
 def profile_params(profile: str, configs_dir: str | Path = "configs") -> Params:

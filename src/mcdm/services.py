@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from mcdm.errors import McdmError
+from mcdm.tracking.store import tracking_uri
 
 PROJECT_DIR = Path.cwd()
 
@@ -35,8 +36,6 @@ def service_command(name: str, port: int, project_dir: Path) -> tuple[list[str],
                 {"PREFECT_API_URL": api, "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(project_dir / ".prefect"))},
                 "log:deployments")
     if name == "mlflow-ui":
-        from mcdm.tracking.runs import tracking_uri
-
         return ([_bin("mlflow"), "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                  "--backend-store-uri", tracking_uri(project_dir)], {}, f"http://127.0.0.1:{port}/health")
     raise McdmError(f"unknown service {name!r} (prefect-server, prefect-serve, mlflow-ui)")

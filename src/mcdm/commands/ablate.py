@@ -1,38 +1,15 @@
-"""`mcdm ablate`: one member of the ablation matrix or the alpha sweep (DVC matrix stages `ablation`, `sweep`).
-
-Thin wrapper over :func:`mcdm.experiments.ablate.run_member`: retrains only the stages the member's variant
-changes (at ``ablations.steps_fraction`` of their steps), takes the others from the main line's
-models folder, evaluates like the ``evaluate`` stage and writes the member's metrics.json.
-"""
+"""`mcdm ablate`: one member of the ablation matrix or of the alpha sweep (decisions.md #10): retrain the
+stages its variant changes, take the others from the main line, evaluate it."""
 from __future__ import annotations
 
-from mcdm.config import load_params
+import torch
+
+from mcdm.commands.args import FEATURES, MODELS, NO_TRACKING, SYNCNET, Command, fmt, optional, required
+from mcdm.eval.ablation_tables import IDENTITY, METRICS
+from mcdm.experiments.ablate import run_member
 
 
-def register(sub) -> None:
-    p = sub.add_parser("ablate", help="one ablation / alpha-sweep member: retrain its stages, evaluate it")
-    p.add_argument("--variant", help="variant of the member (default: params' variant)")
-    p.add_argument("--seed", type=int, help="training seed of the stages it retrains (default: params' seed)")
-    p.add_argument("--alpha", type=float,
-                   help="a sweep member at this Eq. 5 alpha (stage 3 only); without it an ablation member at ablations.alpha")
-    p.add_argument("--features", required=True, help="features folder (e.g. data/features)")
-    p.add_argument("--models", required=True, help="the main line's models folder (base/, motion_encoders/, stage1-3/)")
-    p.add_argument("--syncnet", required=True, help="SyncNet folder for Sync-C / Sync-D (e.g. models/syncnet)")
-    p.add_argument("--out", required=True, help="the member's models folder (its retrained stage<k>/ folders); its name names the member")
-    p.add_argument("--reports", required=True, help="the member's reports folder (metrics.json, eval_clips.csv, long_term.csv, ...)")
-    p.add_argument("--samples", required=True, help="folder of the member's sample mp4s")
-    p.add_argument("--checkpoints", required=True, help="DeepSpeed checkpoints of the member's stages (resumed when present)")
-    p.add_argument("--no-tracking", action="store_true", help="do not log the evaluation to MLflow")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    params = load_params(args.params)
-    import torch
-
-    from mcdm.experiments.ablate import run_member
-    from mcdm.eval.report import IDENTITY, METRICS, fmt
-
+def run(params, args) -> None:
     torch.set_num_threads(params.eval.threads)
     metrics = run_member(params, args.variant, args.seed, args.alpha, args.features, args.models, args.syncnet,
                          args.out, args.reports, args.samples, args.checkpoints, tracking=not args.no_tracking)
@@ -42,4 +19,17 @@ def run(args) -> int:
           f"{member['wall_s']:.0f} s")
     print("  " + "; ".join(f"{m.label} {fmt(metrics.get(m.key))} [{metrics.get(m.key + '_backend')}]"
                            for m in (*METRICS, IDENTITY)))
-    return 0
+
+
+COMMAND = Command(run, (
+    optional("--variant", "variant of the member (default: params' variant)"),
+    optional("--seed", "training seed of the stages it retrains (default: params' seed)", type=int),
+    optional("--alpha", "a sweep member at this Eq. 5 alpha (stage 3 only); without it an ablation member at "
+                        "ablations.alpha", type=float),
+    FEATURES, MODELS, SYNCNET,
+    required("--out", "the member's models folder (its retrained stage<k>/ folders); its name names the member"),
+    required("--reports", "the member's reports folder (metrics.json, eval_clips.csv, long_term.csv, ...)"),
+    required("--samples", "folder of the member's sample mp4s"),
+    required("--checkpoints", "DeepSpeed checkpoints of the member's stages (resumed when present)"),
+    NO_TRACKING,
+))

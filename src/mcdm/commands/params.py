@@ -1,23 +1,24 @@
-"""`mcdm params apply|show|check`: write params.yaml from the schema and a profile, or validate it."""
+"""`mcdm params apply <profile>` / `show` / `check`: the one documented way to switch profiles
+(default | micro | paper) and to validate params.yaml."""
 from __future__ import annotations
 
+import argparse
 import sys
 
+from mcdm.commands.args import Command
 from mcdm.config import PROFILES, apply_profile, dump_params, load_params
 
 
-def register(sub) -> None:
-    p = sub.add_parser("params", help="apply a params profile (default | micro | paper), show or check params.yaml")
-    ps = p.add_subparsers(dest="action", required=True)
-    a = ps.add_parser("apply", help="write params.yaml = schema defaults + configs/<profile>.yaml")
-    a.add_argument("profile", choices=PROFILES)
-    a.add_argument("--out", default=None, help="file to write (default: --params, i.e. params.yaml)")
-    ps.add_parser("show", help="print the validated params")
-    ps.add_parser("check", help="validate params.yaml and print its hash")
-    p.set_defaults(func=run)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    apply = actions.add_parser("apply", help="write params.yaml = schema defaults + configs/<profile>.yaml")
+    apply.add_argument("profile", choices=PROFILES)
+    apply.add_argument("--out", default=None, help="file to write (default: --params, i.e. params.yaml)")
+    actions.add_parser("show", help="print the validated params")
+    actions.add_parser("check", help="validate params.yaml and print its hash")
 
 
-def run(args) -> int:
+def run(_, args) -> None:
     if args.action == "apply":
         out = args.out or args.params
         params = apply_profile(args.profile, out)
@@ -27,4 +28,6 @@ def run(args) -> int:
     else:
         params = load_params(args.params)
         print(f"{args.params}: ok (variant={params.variant}, alpha={params.alpha}, hash {params.hash()})")
-    return 0
+
+
+COMMAND = Command(run, needs_params=False, add_arguments=add_arguments)

@@ -1,20 +1,13 @@
-"""`mcdm quality`: no-reference quality filter (classical by default, HyperIQA from a local file)."""
+"""`mcdm quality`: resolution / sharpness / exposure / blockiness filter (kept.parquet)."""
 from __future__ import annotations
 
-from mcdm.config import load_params
+from mcdm.commands.args import WORKERS, Command, out, required
+from mcdm.data.quality import quality
 
 
-def register(sub) -> None:
-    p = sub.add_parser("quality", help="resolution / sharpness / exposure / blockiness filter (kept.parquet)")
-    p.add_argument("--faces", required=True, help="faces' table (e.g. data/faces/faces.parquet)")
-    p.add_argument("--out", required=True, help="output folder (e.g. data/quality)")
-    p.add_argument("--workers", type=int, default=None, help="override data.workers for this run")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    params = load_params(args.params)
-    from mcdm.data.quality import quality
-
+def run(params, args) -> None:
     quality(args.faces, args.out, params, workers=args.workers)
-    return 0
+
+
+COMMAND = Command(run, (required("--faces", "faces' table (e.g. data/faces/faces.parquet)"),
+                        out("output folder (e.g. data/quality)"), WORKERS))

@@ -1,36 +1,16 @@
-"""`mcdm sample-data`: write talkingface-wild-mini (the embedded stand-in for TalkingFace-Wild / HDTF).
-
-Thin wrapper over :func:`mcdm.data.sample.generator.generate_sample`; ``--n-videos``, ``--seconds``
-and ``--seed`` override the ``sample`` section of params.yaml for one run.
-"""
+"""`mcdm sample-data`: the embedded sample dataset talkingface-wild-mini (speech in 10 languages,
+animated real portraits, planted defects, a manifest of the truth)."""
 from __future__ import annotations
 
-from mcdm.config import load_params
+from pydantic import ValidationError
+
+from mcdm.commands.args import Command, optional
+from mcdm.config import SampleParams
+from mcdm.data.sample.generator import generate_sample
+from mcdm.errors import McdmError
 
 
-def register(sub) -> None:
-    p = sub.add_parser(
-        "sample-data",
-        help="generate the embedded sample dataset (speech in 10 languages, animated portraits, planted defects)",
-    )
-    p.add_argument("--out", default="data/sample", help="output folder (default: data/sample)")
-    p.add_argument("--n-videos", type=int, default=None, help="override sample.n_videos (long videos come on top)")
-    p.add_argument("--n-long", type=int, default=None, help="override sample.n_long")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="scale every duration by this factor (1 = params; e.g. 4 for longer videos)")
-    p.add_argument("--seed", type=int, default=None, help="override sample.seed")
-    p.add_argument("--workers", type=int, default=None, help="Dask worker processes rendering videos (default: data.workers)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    params = load_params(args.params)
-    from pydantic import ValidationError
-
-    from mcdm.config import SampleParams
-    from mcdm.data.sample.generator import generate_sample
-    from mcdm.errors import McdmError
-
+def run(params, args) -> None:
     overrides = {"n_videos": args.n_videos, "n_long": args.n_long, "seed": args.seed, "time_scale": args.seconds}
     try:
         sample = SampleParams.model_validate(
@@ -42,4 +22,13 @@ def run(args) -> int:
                                dask_address=params.data.dask_address)
     counts = manifest["kind"].value_counts().to_dict()
     print(f"wrote {len(manifest)} files to {args.out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    return 0
+
+
+COMMAND = Command(run, (
+    optional("--out", "output folder (default: data/sample)", default="data/sample"),
+    optional("--n-videos", "override sample.n_videos (long videos come on top)", type=int),
+    optional("--n-long", "override sample.n_long", type=int),
+    optional("--seconds", "scale every duration by this factor (1 = params; e.g. 4 for longer videos)", type=float),
+    optional("--seed", "override sample.seed", type=int),
+    optional("--workers", "Dask worker processes rendering videos (default: data.workers)", type=int),
+))

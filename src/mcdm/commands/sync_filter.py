@@ -1,25 +1,15 @@
-"""`mcdm sync-filter`: drop clips whose audio and lips are out of sync (AV offset / Sync-C cut).
-
-Thin wrapper over :func:`mcdm.data.sync_filter.sync_filter`.
-"""
+"""`mcdm sync-filter`: score every clip with SyncNet and drop the out-of-sync ones."""
 from __future__ import annotations
 
-from mcdm.config import load_params
+from mcdm.commands.args import Command, out, required
+from mcdm.data.sync_filter import sync_filter
+from mcdm.media.files import read_table
 
 
-def register(sub) -> None:
-    p = sub.add_parser("sync-filter", help="score every clip with SyncNet and drop out-of-sync ones")
-    p.add_argument("--clips", required=True, help="face-filtered clips table (data/quality/kept.parquet)")
-    p.add_argument("--model", required=True, help="SyncNet folder written by syncnet-train (models/syncnet)")
-    p.add_argument("--out", required=True, help="output folder (data/sync)")
-    p.set_defaults(func=run)
+def run(params, args) -> None:
+    sync_filter(read_table(args.clips, "quality"), args.model, params, args.out)
 
 
-def run(args) -> int:
-    params = load_params(args.params)
-    from mcdm.data.rejects import read_table
-    from mcdm.data.sync_filter import sync_filter
-
-    clips = read_table(args.clips, "quality")
-    sync_filter(clips, args.model, params, args.out)
-    return 0
+COMMAND = Command(run, (required("--clips", "face-filtered clips table (data/quality/kept.parquet)"),
+                        required("--model", "SyncNet folder written by syncnet-train (models/syncnet)"),
+                        out("output folder (data/sync)")))

@@ -39,273 +39,57 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
-import cv2
 import numpy as np
 import pandas as pd
 from scipy.ndimage import gaussian_filter1d
 
 from mcdm.config import Params
-from mcdm.face.dlib import DlibFace, Face
-from mcdm.media.io import MediaError, iter_frames, read_audio, write_video
 from mcdm.data.parallel import Crashed, map_videos
-from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, remove_partial
+from mcdm.data.rejects import StageSummary, finish_stage, reject_row
 from mcdm.data.scenes import FrameCache
-from mcdm.errors import McdmError
+from mcdm.face.dlib import DlibFace
+from mcdm.face.tracks import (
+    TrackSettings,
+    crop_boxes,
+    crop_square,
+    face_runs,
+    make_detector,
+    sample_faces,
+    to_crop_coords,
+    track_boxes,
+)
+from mcdm.media.files import read_table, remove_partial
+from mcdm.media.io import MediaError, iter_frames, read_audio, write_video
 
 STAGE = "faces"
-HOG_FACE_PX = 80  # dlib's HOG window: the smallest face it finds reliably, in detector pixels
 FACE_COLUMNS = ["clip_id", "video_id", "source_id", "file", "n_frames", "crop_path", "landmarks_path",
                 "face_px", "detect_rate", "start", "end", "duration", "long_term", "language",
                 "scene_clip_id", "scene_path", "scene_offset", "face_detector"]
 
 
-# ------------------------------------------------------------------------------------ detectors
-class ScrfdDetector:
-    """SCRFD (InsightFace) from a local ONNX file, run with OpenCV's DNN module; same ``detect``
-    interface as :class:`DlibFace` (boxes in image pixels, best first)."""
-
-    input_size = 640
-
-    def __init__(self, path: str | None, score_threshold: float = 0.5, nms_threshold: float = 0.4):
-        if not path or not Path(path).is_file():
-            raise McdmError(f"data.face_detector is 'scrfd' but data.scrfd_path {path!r} is not a file")
-        self.path, self.score_threshold, self.nms_threshold = str(path), score_threshold, nms_threshold
-        self._net = None
-
-    def __getstate__(self):
-        return {"path": self.path, "score_threshold": self.score_threshold,
-                "nms_threshold": self.nms_threshold, "_net": None}
-
-    def detect(self, rgb: np.ndarray, **_) -> list[Face]:
-        if self._net is None:
-            self._net = cv2.dnn.readNetFromONNX(self.path)
-        h, w = rgb.shape[:2]
-        s = self.input_size / max(h, w)
-        canvas = np.zeros((self.input_size, self.input_size, 3), np.uint8)
-        canvas[: round(h * s), : round(w * s)] = cv2.resize(rgb, (round(w * s), round(h * s)))
-        blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128, (self.input_size, self.input_size), (127.5,) * 3)
-        self._net.setInput(blob)
-        outs = self._net.forward(self._net.getUnconnectedOutLayersNames())
-        boxes, scores = decode_scrfd(outs, self.input_size, self.score_threshold)
-        keep = cv2.dnn.NMSBoxes([[*b[:2], *(b[2:] - b[:2])] for b in boxes.tolist()], scores.tolist(),
-                                self.score_threshold, self.nms_threshold) if len(boxes) else []
-        faces = [Face(tuple(int(round(v / s)) for v in boxes[i]), float(scores[i])) for i in np.ravel(keep)]
-        return sorted(faces, key=lambda f: -f.score)
-
-
-def decode_scrfd(outputs, input_size: int, score_threshold: float, strides=(8, 16, 32),
-                 anchors_per_cell: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """SCRFD heads -> boxes (N,4 x1,y1,x2,y2) and scores, before NMS.
-
-    Each stride s has a (input/s)^2 grid with ``anchors_per_cell`` anchors at the cell corner
-    (x*s, y*s); a box is that point minus/plus the predicted distances x stride (distance2bbox).
-    Heads are matched by shape (scores: last dim 1, boxes: 4; key points, 10, are not needed).
-    """
-    arrs = [np.asarray(o).reshape(-1, np.asarray(o).shape[-1]) for o in outputs]
-    by_len: dict[int, dict[int, np.ndarray]] = {}
-    for a in arrs:
-        by_len.setdefault(len(a), {})[a.shape[1]] = a
-    all_boxes, all_scores = [], []
-    for s in strides:
-        g = input_size // s
-        n = g * g * anchors_per_cell
-        heads = by_len.get(n, {})
-        if 1 not in heads or 4 not in heads:
-            raise MediaError(f"SCRFD model outputs do not match stride {s} ({n} anchors)")
-        ys, xs = np.mgrid[:g, :g]
-        centers = np.repeat(np.stack([xs.ravel(), ys.ravel()], 1) * s, anchors_per_cell, axis=0).astype(np.float32)
-        score = heads[1][:, 0]
-        d = heads[4] * s
-        keep = score >= score_threshold
-        c, d = centers[keep], d[keep]
-        all_boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
-        all_scores.append(score[keep])
-    return np.concatenate(all_boxes).astype(np.float32), np.concatenate(all_scores).astype(np.float32)
-
-
-def make_detector(params: Params):
-    if params.data.face_detector == "scrfd":
-        return ScrfdDetector(params.data.scrfd_path)
-    return DlibFace()
-
-
-def detection_scale(height: int, width: int, params: Params) -> float:
-    """dlib only: the scale at which a ``min_face_px`` face fills HOG's window, capped in size."""
-    return min(HOG_FACE_PX / params.data.min_face_px, params.data.detect_max_side / max(height, width))
-
-
-# -------------------------------------------------------------------------------------- samples
-@dataclass
-class Sample:
-    frame: int
-    status: str  # one | none | multi | partial
-    box: np.ndarray | None  # (4,) l, t, r, b in source pixels (the best face)
-    n_faces: int
-
-
-def classify(faces: list[Face], height: int, width: int, tol: float = 0.05) -> Sample:
-    if not faces:
-        return Sample(-1, "none", None, 0)
-    best = np.asarray(faces[0].box, np.float32)
-    if len(faces) >= 2:
-        return Sample(-1, "multi", best, len(faces))
-    m = tol * (best[2] - best[0])
-    inside = best[0] >= -m and best[1] >= -m and best[2] <= width + m and best[3] <= height + m
-    return Sample(-1, "one" if inside else "partial", best, 1)
-
-
-def sample_faces(path: str, params: Params, detector, cache: FrameCache | None = None) -> tuple[list[Sample], int, tuple[int, int]]:
-    """Detect on every k-th frame and the last one: samples, frame count, (height, width)."""
-    k = params.data.face_sample_every
-    samples: list[Sample] = []
-    last = None
-    n, hw = 0, (0, 0)
-    scale = None
-
-    def run(idx: int, img: np.ndarray) -> Sample:
-        nonlocal scale
-        h, w = img.shape[:2]
-        if isinstance(detector, DlibFace):
-            if scale is None:
-                scale = detection_scale(h, w, params)
-            small = cv2.resize(img, (round(w * scale), round(h * scale)),
-                               interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-            faces = [Face(tuple(v / scale for v in f.box), f.score) for f in detector.detect(small)]
-        else:
-            faces = detector.detect(img)
-        smp = classify(faces, h, w)
-        smp.frame = idx
-        return smp
-
-    for n, (_, img) in enumerate(iter_frames(path, fps=params.data.fps), start=1):
-        if cache is not None:
-            cache.add(img)
-        hw = img.shape[:2]
-        if (n - 1) % k == 0:
-            samples.append(run(n - 1, img))
-            last = None
-        else:
-            last = (n - 1, img)
-    if last is not None:
-        samples.append(run(*last))
-    return samples, n, hw
-
-
-def face_runs(samples: list[Sample], n_frames: int, params: Params) -> tuple[list[list[Sample]], list[tuple[int, int, str]]]:
-    """Split the samples into runs of a steady single face; the dropped frame ranges with a reason.
-
-    Runs are lists of samples (bad samples inside tolerated gaps included); dropped ranges are
-    ``(first_frame, end_frame, code)``.
-    """
-    data = params.data
-    max_gap = data.max_face_gap_seconds * data.fps
-    runs: list[list[Sample]] = []
-    dropped: list[tuple[int, int, str]] = []
-    current: list[Sample] = []
-    pending_bad: list[Sample] = []
-    last_good: Sample | None = None
-
-    def majority(bad: list[Sample]) -> str:
-        code = Counter(s.status for s in bad).most_common(1)[0][0] if bad else "face_jump"
-        return {"none": "no_face", "multi": "multiple_faces", "partial": "partial_face"}.get(code, code)
-
-    for smp in samples:
-        if smp.status != "one":
-            pending_bad.append(smp)
-            continue
-        if last_good is None:
-            if pending_bad:
-                dropped.append((0, smp.frame, majority(pending_bad)))
-            current = [smp]
-        else:
-            gap = smp.frame - last_good.frame - 1 if pending_bad else 0
-            side = 0.5 * ((last_good.box[2] - last_good.box[0]) + (smp.box[2] - smp.box[0]))
-            jump = np.hypot(*(_center(smp.box) - _center(last_good.box))) / max(side, 1.0)
-            if gap > max_gap or jump > data.max_face_jump:
-                runs.append(current)
-                code = majority(pending_bad) if gap > max_gap else "face_jump"
-                dropped.append((last_good.frame + 1, smp.frame, code))
-                current = [smp]
-            else:
-                current += pending_bad + [smp]
-        pending_bad = []
-        last_good = smp
-    if current:
-        runs.append(current)
-    if pending_bad:
-        start = last_good.frame + 1 if last_good is not None else 0
-        dropped.append((start, n_frames, majority(pending_bad)))
-    return runs, dropped
-
-
-def _center(box: np.ndarray) -> np.ndarray:
-    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2], np.float32)
-
-
-# ----------------------------------------------------------------------------------------- track
-def track_boxes(run: list[Sample], a: int, b: int, params: Params) -> np.ndarray:
-    """Smoothed face boxes (T,4) for frames ``a..b-1`` from the run's good samples."""
-    good = [s for s in run if s.status == "one"]
-    f = np.array([s.frame for s in good], np.float64)
-    boxes = np.stack([s.box for s in good]).astype(np.float64)
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    t = np.arange(a, b, dtype=np.float64)
-    series = np.stack([np.interp(t, f, v) for v in (cx, cy, w, h)], 1)  # (T, 4)
-    sigma = params.data.box_smooth_seconds * params.data.fps
-    if sigma > 0 and len(t) > 1:
-        series = gaussian_filter1d(series, sigma, axis=0, mode="nearest")
-    cx, cy, w, h = series.T
-    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float32)
-
-
-def crop_boxes(face_boxes: np.ndarray, height: int, width: int, params: Params) -> np.ndarray:
-    """Square crop regions (T,4, integer l,t,r,b): constant side, kept in the frame where it fits."""
-    side_face = float(np.median(np.minimum(face_boxes[:, 2] - face_boxes[:, 0], face_boxes[:, 3] - face_boxes[:, 1])))
-    side = max(2, int(round(params.data.crop_scale * side_face)))
-    cx = (face_boxes[:, 0] + face_boxes[:, 2]) / 2
-    cy = (face_boxes[:, 1] + face_boxes[:, 3]) / 2
-    x0, y0 = np.round(cx - side / 2), np.round(cy - side / 2)
-    if side <= width:
-        x0 = np.clip(x0, 0, width - side)
-    if side <= height:
-        y0 = np.clip(y0, 0, height - side)
-    return np.stack([x0, y0, x0 + side, y0 + side], 1).astype(np.float32)
-
-
-def crop_square(img: np.ndarray, box: np.ndarray, out_side: int) -> np.ndarray:
-    """``img[t:b, l:r]`` with edge pixels repeated outside the frame, resized to ``out_side``."""
-    h, w = img.shape[:2]
-    l, t, r, b = (int(v) for v in box)
-    pad = max(0, -l, -t, r - w, b - h)
-    if pad:
-        img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        l, t, r, b = l + pad, t + pad, r + pad, b + pad
-    patch = img[t:b, l:r]
-    interp = cv2.INTER_AREA if patch.shape[0] > out_side else cv2.INTER_LINEAR
-    return cv2.resize(patch, (out_side, out_side), interpolation=interp)
-
-
-def to_crop_coords(points: np.ndarray, box: np.ndarray, out_side: int) -> np.ndarray:
-    """Source-pixel points (...,2) -> crop pixels: ``(p - (l, t)) * out_side / side``."""
-    return ((points - box[:2]) * (out_side / (box[2] - box[0]))).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------------ clip
+def _cached_frames(path: str, fps: float, cache: FrameCache) -> Iterator[np.ndarray]:
+    """The clip's frames, kept in ``cache`` for the second pass when they fit."""
+    for _, img in iter_frames(path, fps=fps):
+        cache.add(img)
+        yield img
+
+
 def process_clip(clip: dict, params: Params, out_dir: str) -> dict:
     """One scene clip -> its face clips (kept rows) and rejects."""
     data = params.data
     file, cid = clip["file"], clip["clip_id"]
     fps, rate = data.fps, data.audio_rate
-    detector = make_detector(params)
+    detector = make_detector(data.face_detector, data.scrfd_path)
+    settings = TrackSettings.from_data(data)
     rejects: list[dict] = []
     cache = FrameCache()
     try:
-        samples, n, (height, width) = sample_faces(clip["path"], params, detector, cache)
+        samples, n, (height, width) = sample_faces(_cached_frames(clip["path"], fps, cache), settings, detector)
     except MediaError as err:
         return {"kept": [], "rejects": [reject_row(file, STAGE, "unreadable", str(err), cid)]}
     if not samples:
@@ -315,7 +99,7 @@ def process_clip(clip: dict, params: Params, out_dir: str) -> dict:
     if multi_rate >= data.max_multi_face_rate and counts["multi"] > 0:
         return {"kept": [], "rejects": [reject_row(file, STAGE, "multiple_faces",
                 f"2+ faces in {multi_rate:.0%} of {len(samples)} sampled frames (max {data.max_multi_face_rate:.0%})", cid)]}
-    runs, dropped = face_runs(samples, n, params)
+    runs, dropped = face_runs(samples, n, settings)
     if not runs:
         code = {"none": "no_face", "multi": "multiple_faces", "partial": "partial_face"}[max(
             ("none", "multi", "partial"), key=lambda s: counts[s])]
@@ -363,8 +147,8 @@ def _write_face_clip(clip, run, a, b, out_id, height, width, audio, params: Para
                      cache: FrameCache) -> dict:
     data = params.data
     fps, res, rate = data.fps, data.resolution, data.audio_rate
-    boxes = track_boxes(run, a, b, params)
-    squares = crop_boxes(boxes, height, width, params)
+    boxes = track_boxes(run, a, b, TrackSettings.from_data(data))
+    squares = crop_boxes(boxes, height, width, data.crop_scale)
     detected = np.zeros(b - a, bool)
     detected[[s.frame - a for s in run if s.status == "one"]] = True
     marks = np.zeros((b - a, 68, 2), np.float32)
@@ -416,7 +200,7 @@ def faces(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Par
     """Face-crop every scene clip; write ``faces.parquet``, ``crops/``, ``landmarks/`` + rejects."""
     started = time.perf_counter()
     workers = workers or params.data.workers
-    make_detector(params)  # a missing SCRFD file stops here, once, with one line
+    make_detector(params.data.face_detector, params.data.scrfd_path)  # a missing SCRFD file stops here, once
     clips = read_table(clips_path, "scenes")
     out_dir = Path(out_dir)
     for sub in ("crops", "landmarks"):

@@ -2,7 +2,6 @@
 
 Per clip of ``data/split/{train,test,open_set}.parquet`` the crop mp4 (frames + audio) is decoded
 ONCE and ``<out>/<clip_id>.safetensors`` holds (T = video frames at ``data.fps``):
-
 ====================  =================  ======================================================
 ``frames``            (T, 3, S, S) u8    the square face crops (metrics, SyncNet, pictures)
 ``latents``           (T, C, h, w) f32   VAE posterior mean x ``scaling_factor`` (SD convention)
@@ -19,9 +18,9 @@ ONCE and ``<out>/<clip_id>.safetensors`` holds (T = video frames at ``data.fps``
 
 Feature computations come from :mod:`mcdm.models.encoders` (one implementation for training and
 inference); the VAE and the audio / identity backends from ``models/base`` through
-:mod:`mcdm.pipelines.base_loading`. Beside the files: ``index.parquet`` (the split tables' columns plus
+:mod:`mcdm.media.layout`. Beside the files: ``index.parquet`` (the split tables' columns plus
 ``split, path, n_frames``), ``meta.json`` (backends, dims, fps), ``rejects.csv`` and ``summary.json``.
-Clips are mapped with :func:`mcdm.data.parallel.map_videos` (DECISIONS #9): in this process on
+Clips are mapped with :func:`mcdm.data.parallel.map_videos` (decisions.md #9): in this process on
 ``base_models.threads`` torch threads, or on the Dask scheduler of ``data.dask_address`` when one is
 given (each worker process loads the models once).
 """
@@ -35,9 +34,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from mcdm.config import Params
+from mcdm.data.parallel import Crashed, map_videos, stage_workers
+from mcdm.data.rejects import finish_stage, reject_row
 from mcdm.errors import McdmError
+from mcdm.face.geometry import expression_offsets, head_pose_from_landmarks
+from mcdm.face.mouth import mouth_boxes, mouth_crop
+from mcdm.media.files import read_table, write_json
+from mcdm.media.io import MediaError, read_audio, read_frames
+from mcdm.media.layout import VAE, base_path, frozen_encoder_paths, read_encoders
+from mcdm.models.frozen import FrozenEncoders, load_frozen_encoders
+from mcdm.models.vae import encode_latents, load_vae
 
 STAGE = "features"
 SPLITS = ("train", "test", "open_set")
@@ -58,24 +67,16 @@ class FeatureJob:
 
 
 # ------------------------------------------------------------------------------ per process models
-_MODELS: dict[tuple[int, str], dict] = {}
+_MODELS: dict[tuple[int, str], FrozenEncoders] = {}
 
 
-def _models(job: FeatureJob) -> dict:
+def _models(job: FeatureJob) -> FrozenEncoders:
     """VAE + audio + identity encoders, loaded once per process (Dask workers keep them)."""
-    import torch
-
-    from mcdm.pipelines import base_loading as loading
-
     key = (os.getpid(), job.models_dir)
     if key not in _MODELS:
         torch.set_num_threads(job.threads)
         _MODELS.clear()
-        _MODELS[key] = {
-            "vae": loading.load_vae(job.models_dir, job.device),
-            "audio": loading.load_audio_encoder(job.models_dir, job.device),
-            "identity": loading.load_identity_encoder(job.models_dir, job.device),
-        }
+        _MODELS[key] = load_frozen_encoders(**frozen_encoder_paths(job.models_dir), device=job.device)
     return _MODELS[key]
 
 
@@ -100,9 +101,6 @@ def clip_features(row: dict, job: FeatureJob) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from mcdm.train.base_models.vae import encode_latents
-    from mcdm.media.io import read_audio, read_frames
-    from mcdm.models.encoders import expression_offsets, head_pose_from_landmarks, mouth_boxes, mouth_crop
 
     models = _models(job)
     clip_id = str(row["clip_id"])
@@ -120,9 +118,9 @@ def clip_features(row: dict, job: FeatureJob) -> dict:
     waveform = np.pad(audio[:n_samples], (0, max(0, n_samples - len(audio)))).astype(np.float32)
 
     # 2. latents, audio features, reference identity
-    latents = encode_latents(models["vae"], frames)
-    audio_feats = np.asarray(models["audio"](waveform, job.fps, n_frames=t), np.float32)
-    ref_embedding = np.asarray(models["identity"](frames[0], landmarks[0]), np.float32)
+    latents = encode_latents(models.vae, frames)
+    audio_feats = np.asarray(models.audio(waveform, job.fps, n_frames=t), np.float32)
+    ref_embedding = np.asarray(models.identity(frames[0], landmarks[0]), np.float32)
 
     # 3. geometry: head pose, expression offsets, mouth crops (temporally smoothed mouth boxes)
     head_pose = head_pose_from_landmarks(landmarks, job.resolution)
@@ -148,8 +146,8 @@ def clip_features(row: dict, job: FeatureJob) -> dict:
         raise McdmError(f"non_finite: {', '.join(bad)}")
     path = Path(job.out_dir) / f"{clip_id}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"clip_id": clip_id, "fps": str(job.fps), "audio_backend": models["audio"].name,
-                                           "image_backend": models["identity"].name})
+    save_file(tensors, str(tmp), metadata={"clip_id": clip_id, "fps": str(job.fps), "audio_backend": models.audio.name,
+                                           "image_backend": models.identity.name})
     os.replace(tmp, path)
     return {"path": str(path), "n_frames": t, "audio_dim": int(audio_feats.shape[1]),
             "embed_dim": int(ref_embedding.shape[0]), "expression_dim": int(expression.shape[1])}
@@ -157,7 +155,6 @@ def clip_features(row: dict, job: FeatureJob) -> dict:
 
 def _guarded_clip(row: dict, job: FeatureJob) -> dict:
     """``clip_features`` with the expected failures turned into a reject reason."""
-    from mcdm.media.io import MediaError
 
     try:
         return {"ok": clip_features(row, job)}
@@ -171,7 +168,6 @@ def _guarded_clip(row: dict, job: FeatureJob) -> dict:
 # ------------------------------------------------------------------------------------- stage
 def read_split_tables(split_dir: str | os.PathLike) -> pd.DataFrame:
     """The three split tables stacked, with a ``split`` column; each clip once."""
-    from mcdm.data.rejects import read_table
 
     frames = []
     for name in SPLITS:
@@ -193,16 +189,10 @@ def read_split_tables(split_dir: str | os.PathLike) -> pd.DataFrame:
 def features(split_dir: str | os.PathLike, models_dir: str | os.PathLike, out_dir: str | os.PathLike,
              params: Params) -> tuple[pd.DataFrame, object]:
     """Run the stage; returns ``(index, StageSummary)``."""
-    import torch
-
-    from mcdm.pipelines import base_loading as loading
-    from mcdm.data.parallel import Crashed, map_videos, stage_workers
-    from mcdm.data.rejects import finish_stage, reject_row, write_json
-
     started = time.perf_counter()
     table = read_split_tables(split_dir)
-    manifest = loading.read_encoders(models_dir)
-    vae = loading.load_vae(models_dir)  # fail here, once, when the base models are unusable
+    manifest = read_encoders(models_dir)
+    vae = load_vae(base_path(models_dir, VAE))  # fail here, once, when the base models are unusable
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the work is torch (the VAE encoder on base_models.threads intra-op threads): in-process unless a

@@ -1,4 +1,4 @@
-"""ingest: list the raw videos of ``data.source`` and keep those the pipeline can use (DECISIONS #7).
+"""ingest: list the raw videos of ``data.source`` and keep those the pipeline can use (decisions.md #7).
 
 Every file under the source folder (recursively; hidden files and ``manifest.csv`` aside) ends up
 either in ``videos.parquet`` or in ``rejects.csv`` with a reason. When the folder holds a
@@ -37,10 +37,10 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.media.io import MediaError, iter_frames, probe, read_audio
 from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.rejects import StageSummary, finish_stage, reject_row
 from mcdm.errors import McdmError
+from mcdm.media.io import MediaError, iter_frames, probe, read_audio
 
 STAGE = "ingest"
 VIDEO_EXTS = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".m4v"}

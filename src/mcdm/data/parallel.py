@@ -1,6 +1,6 @@
 """Run a per-video function over many videos: in-process, on a Dask LocalCluster, or on a scheduler.
 
-Every data stage maps one function over its videos or clips with :func:`map_videos` (DECISIONS #9),
+Every data stage maps one function over its videos or clips with :func:`map_videos` (decisions.md #9),
 with :func:`stage_workers` deciding between processes and this process:
 
 - ``workers == 1`` and no address: a plain loop in this process (no cluster to start);

@@ -35,10 +35,11 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.media.io import MediaError, iter_frames
 from mcdm.data.parallel import Crashed, map_videos, stage_workers
-from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, write_parquet
+from mcdm.data.rejects import StageSummary, finish_stage, reject_row
 from mcdm.errors import McdmError
+from mcdm.media.files import read_table, write_parquet
+from mcdm.media.io import MediaError, iter_frames
 
 STAGE = "quality"
 BLOCK = 8

@@ -12,11 +12,10 @@ input file can be followed through the stages; ``reason`` reads ``<code>: <detai
 one clip of a video ends with ``[clip <clip_id>]``.
 
 :func:`merge_rejects` and :func:`contact_sheet` make ``reports/data_rejects.csv`` and the contact sheet
-of kept and rejected clips per reason (DECISIONS #8): the paper's manual inspection, made easy.
+of kept and rejected clips per reason (decisions.md #8): the paper's manual inspection, made easy.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -29,7 +28,9 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from mcdm.errors import McdmError, MissingStageOutput
+from mcdm.errors import McdmError
+from mcdm.media.files import save_figure, write_csv, write_json, write_parquet
+from mcdm.media.io import MediaError, iter_frames
 
 REJECT_COLUMNS = ["file", "stage", "reason"]
 _CLIP_TAG = re.compile(r"\[clip ([^\]]+)\]\s*$")
@@ -54,50 +55,6 @@ def reason_clip(reason: str) -> str | None:
     """The clip a reject is about, or None for a whole-file reject."""
     m = _CLIP_TAG.search(str(reason))
     return m.group(1) if m else None
-
-
-# --------------------------------------------------------------------------------------- tables
-def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.reset_index(drop=True).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(obj: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def remove_partial(path: str | os.PathLike) -> None:
-    """Remove ``path`` and any temporary file a writer killed by an error left beside it."""
-    path = Path(path)
-    path.unlink(missing_ok=True)
-    for tmp in path.parent.glob(f".{path.stem}.tmp*"):
-        tmp.unlink(missing_ok=True)
-
-
-def read_table(path: str | os.PathLike, made_by: str) -> pd.DataFrame:
-    """A stage's input table; a one-line error naming the stage to run when it is missing."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingStageOutput(path, made_by)
-    return pd.read_parquet(path)
 
 
 def rejects_frame(rows: Iterable[dict]) -> pd.DataFrame:
@@ -198,7 +155,6 @@ def _thumbnail(path: str | os.PathLike | None, at: float, side: int) -> np.ndarr
     """One frame of a video at ``at`` seconds, letterboxed to ``side`` x ``side``; None if unreadable."""
     import cv2
 
-    from mcdm.media.io import MediaError, iter_frames
 
     if path is None or not Path(path).is_file():
         return None
@@ -281,10 +237,4 @@ def contact_sheet(
         ax_row[0].set_ylabel(title, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle("data pipeline: kept clips and rejects per reason", fontsize=10)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)

@@ -14,7 +14,7 @@ Per video (two streamed passes, never the whole video in memory):
    original resolution (H.264 needs even sides: an odd last row / column is dropped).
 
 Long-term videos (manifest ``long_term``) are clean test videos for the long-term curve: kept whole
-as one clip, without detection or trimming (DECISIONS #11).
+as one clip, without detection or trimming (decisions.md #11).
 
 Outputs: ``clips.parquet`` (``clip_id, video_id, source_id, file, start, end, n_frames, path`` +
 ``long_term, language, duration, width, height``) and ``cuts.parquet`` (``video_id, file, frame,
@@ -33,9 +33,10 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.media.io import MediaError, iter_frames, read_audio, write_video
 from mcdm.data.parallel import Crashed, map_videos
-from mcdm.data.rejects import StageSummary, finish_stage, read_table, reject_row, remove_partial, write_parquet
+from mcdm.data.rejects import StageSummary, finish_stage, reject_row
+from mcdm.media.files import read_table, remove_partial, write_parquet
+from mcdm.media.io import MediaError, iter_frames, read_audio, write_video
 
 STAGE = "scenes"
 DETECT_SIDE = 256  # PySceneDetect's own default downscale target

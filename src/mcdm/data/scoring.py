@@ -37,7 +37,10 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.data.rejects import contact_sheet, merge_rejects, reason_code, write_csv, write_json
+from mcdm.data.faces import faces
+from mcdm.data.rejects import contact_sheet, merge_rejects, reason_code
+from mcdm.data.scenes import scenes
+from mcdm.media.files import write_csv, write_json, write_parquet
 
 TOL_FRAMES = 2
 QUALITY_KINDS = ("blurred", "low_res")
@@ -241,10 +244,6 @@ def bench_throughput(videos_path: str | os.PathLike, params: Params, n_videos: i
     """scenes + faces on the first ``n_videos`` ingested (non long-term) videos, 1 then 2 workers,
     each run exactly as ``data.workers`` would make it (2 workers: a LocalCluster per stage, its
     start and stop inside the timed wall time)."""
-    from mcdm.data.faces import faces
-    from mcdm.data.rejects import write_parquet
-    from mcdm.data.scenes import scenes
-
     videos = pd.read_parquet(videos_path)
     videos = videos[~videos["long_term"].fillna(False).astype(bool)].sort_values("file").head(n_videos)
     out = {"videos": len(videos), "video_seconds": float(videos["duration"].sum()), "stages": "scenes+faces",

@@ -29,8 +29,9 @@ from pathlib import Path
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.data.rejects import StageSummary, finish_stage, read_table, write_parquet
+from mcdm.data.rejects import StageSummary, finish_stage
 from mcdm.errors import McdmError
+from mcdm.media.files import read_table, write_parquet
 
 STAGE = "split"
 AUDIO_COLUMNS = ["audio_clip_id", "audio_path", "audio_language", "audio_source_id", "audio_duration", "cross_language"]

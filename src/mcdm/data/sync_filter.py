@@ -20,13 +20,15 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.media.io import MediaError
 from mcdm.data.parallel import Crashed, map_videos, stage_workers
-from mcdm.data.rejects import StageSummary, finish_stage, reject_row, write_csv
-from mcdm.models.sync.scoring import backend_name, sync_scores
+from mcdm.data.rejects import StageSummary, finish_stage, reject_row
+from mcdm.media.files import write_csv
+from mcdm.media.io import AUDIO_RATE, MediaError, read_audio, read_frames
+from mcdm.models.sync.scoring import SYNC_FPS, backend_name, sync_scores
 from mcdm.models.sync.syncnet import OfficialSyncNet, load_syncnet
 
 STAGE = "sync_filter"
@@ -45,13 +47,26 @@ def _model(model_path: str, threads: int):
     return _MODELS[key]
 
 
+def read_sync_clip(crop_path: str | os.PathLike, landmarks_path: str | os.PathLike | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A crop mp4's frames at SyncNet's 25 fps, its 16 kHz mono audio and (from the faces stage's npz,
+    when given) its (T, 68, 2) landmarks: what :func:`mcdm.models.sync.scoring.sync_scores` takes."""
+    frames = read_frames(crop_path, fps=SYNC_FPS)
+    audio = read_audio(crop_path, rate=AUDIO_RATE)
+    landmarks = None
+    if landmarks_path is not None:
+        with np.load(landmarks_path) as npz:
+            landmarks = npz["landmarks"]
+    return frames, audio, landmarks
+
+
 def score_clip(row: dict, model_path: str, max_offset: int, threads: int = 0) -> dict:
     """Sync scores of one clip row, or ``{"error": reason}`` for an unusable clip."""
     model = _model(model_path, threads)
     lm = row.get("landmarks_path")
     landmarks = lm if isinstance(lm, str) and lm and Path(lm).is_file() else None
     try:
-        return sync_scores(row["crop_path"], landmarks=landmarks, model=model, max_offset=max_offset)
+        return sync_scores(*read_sync_clip(row["crop_path"], landmarks), model=model, max_offset=max_offset)
     except MediaError as err:
         return {"error": f"unreadable: {err}"}
     except ValueError as err:  # too short for one 5-frame window

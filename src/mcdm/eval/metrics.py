@@ -1,7 +1,7 @@
 """The evaluation metrics of MCDM (paper Sec. 4: FID, FVD, Sync-C/D, SSIM, E-FID) plus identity drift.
 
 Every metric returns a ``MetricResult`` whose ``backend`` names what produced the number (the
-paper's network given by local path, or a labelled fallback; see ``mcdm.eval.features``), and
+paper's network given by local path, or a labelled fallback; see ``mcdm.eval.detectors`` and ``mcdm.eval.landmark_features``), and
 ``MetricSuite`` turns ``EvalParams`` into one flat ``{metric: value, metric + "_backend": label}``
 dict for metrics.json / MLflow / the report.
 
@@ -19,22 +19,18 @@ import torch.nn.functional as F
 
 from mcdm.config import EvalParams
 from mcdm.errors import McdmError
-from mcdm.eval.features import (
-    Deep3DExpression,
-    DlibDescriptorFeatures,
-    DlibFrameFeatures,
+from mcdm.eval.detectors import Deep3DExpression, I3DFeatures, InceptionFeatures, as_frames, as_videos, split_clips
+from mcdm.eval.face_features import DlibDescriptorFeatures, DlibFrameFeatures
+from mcdm.eval.frechet import frechet_from_features
+from mcdm.eval.landmark_features import (
     DynamicsVideoFeatures,
-    I3DFeatures,
-    InceptionFeatures,
-    as_frames,
-    as_videos,
     clip_dynamics_parts,
     expression_template,
     fill_missing,
     landmark_expression_features,
-    split_clips,
 )
-from mcdm.eval.frechet import frechet_from_features
+from mcdm.models.sync.scoring import sync_scores
+from mcdm.models.sync.syncnet import load_syncnet
 
 
 @dataclass
@@ -309,13 +305,11 @@ def identity_summary(curves, gt_curves=None, tail: float = 0.1) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sync-C / Sync-D: adapter to the SyncNet of the data stages (mcdm.models.sync), imported lazily
+# Sync-C / Sync-D: adapter to the SyncNet of the data stages (mcdm.models.sync)
 
 
 def load_sync_model(path: str | Path):
     """A SyncNet (``save_pretrained`` folder or official ``syncnet_v2.model``) via ``mcdm.models.sync``."""
-    from mcdm.models.sync.syncnet import load_syncnet
-
     return load_syncnet(path)
 
 
@@ -323,13 +317,9 @@ def sync_metrics(frames, audio, model, landmarks: np.ndarray | None = None, max_
     """Sync-C (confidence, higher better) and Sync-D (min distance, lower better) of one video.
 
     Calls ``mcdm.models.sync.scoring.sync_scores`` (the one SyncNet module shared with the ``sync_filter``
-    stage, DECISIONS #22) with 25 fps RGB frames, 16 kHz mono ``audio`` and optional ``(T, 68, 2)``
+    stage, decisions.md #22) with 25 fps RGB frames, 16 kHz mono ``audio`` and optional ``(T, 68, 2)``
     landmarks (NaN frames are interpolated; all-NaN -> None, i.e. the lower-half mouth box).
     """
-    try:
-        from mcdm.models.sync.scoring import sync_scores
-    except ImportError as err:
-        raise McdmError(f"sync: mcdm.models.sync.scoring.sync_scores is not available ({err})") from None
     if landmarks is not None:
         landmarks = fill_missing(landmarks)
         if not np.isfinite(landmarks).all():
@@ -438,7 +428,7 @@ class MetricSuite:
         """Trivial rows computed in the same run with the same backends:
 
         - ``static_reference``: each video replaced by its reference frame repeated (no motion);
-          identity 0 by construction, a bound rather than a target (DECISIONS #20);
+          identity 0 by construction, a bound rather than a target (decisions.md #20);
         - ``ground_truth``: ground truth against itself (sanity: SSIM 1, FID / FVD / E-FID 0).
         """
         real = as_videos(real_videos, "real videos")

@@ -1,5 +1,5 @@
 """open_set: unseen portraits speaking held-out audio in several languages (the paper's open-set test,
-DECISIONS #23).
+decisions.md #23).
 
 Pairs. ``data/split/open_set.parquet`` holds every clip of the identities the split kept out of
 training AND test (``data.split.open_set_identities``), each paired with one held-out audio clip of the
@@ -13,16 +13,15 @@ from the split table's paths instead (the crop's first frame and the landmark fi
 and labelled ``crop`` / ``audio_path`` in the table.
 
 Generation: ``n = min(eval.clip_seconds * data.fps, audio length)`` frames per pair with the main-line
-pipeline (``MCDMPipeline.from_models_dir``, ``eval.steps`` DDIM steps, generator seeded with ``seed``),
+pipeline (``mcdm.pipelines.loading.load_from_models_dir``, ``eval.steps`` DDIM steps, generator seeded with ``seed``),
 ``eval.batch_size`` pairs per batch, never driven by landmarks (the portrait clip's landmarks belong to
 other speech).
 
 Metrics, with ``evaluate``'s backends (``MetricSuite``); one that cannot be computed is null with its
 reason (``*_error``), like evaluate's ``_guard``:
-
-* Sync-C / Sync-D of each generated video against its paired audio (SyncNet, DECISIONS #22);
+* Sync-C / Sync-D of each generated video against its paired audio (SyncNet, decisions.md #22);
 * ``identity``: mean over every ``eval.frame_stride``-th generated frame of the dlib-descriptor
-  distance ``||d(frame) - d(portrait)||`` (DECISIONS #20), beside ``identity_gt``: the same distance
+  distance ``||d(frame) - d(portrait)||`` (decisions.md #20), beside ``identity_gt``: the same distance
   for the portrait clip's own first n frames (the speaker's natural variation; other speech);
 * FID per audio language and overall (a set statistic, not a row's): Fréchet distance
   ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))`` between the features (dlib descriptor
@@ -48,9 +47,14 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
+from mcdm.data.features import load_landmarks
 from mcdm.errors import McdmError, MissingStageOutput
 from mcdm.eval import metrics as M
-from mcdm.eval.evaluate import ClipFeatures, _guard, _jsonable, _write_csv, _write_json, generate_batched, read_index
+from mcdm.eval.test_set import ClipFeatures, generate_batched, read_index
+from mcdm.eval.video_metrics import _guard
+from mcdm.media.files import jsonable, write_csv, write_json
+from mcdm.media.io import MediaError, read_audio, read_frames
+from mcdm.pipelines.loading import load_from_models_dir
 
 STAGE = "open_set"
 PAIR_COLUMNS = ("clip_id", "source_id", "audio_clip_id", "audio_language", "cross_language")
@@ -97,8 +101,6 @@ def _frame_limit(params: Params) -> Optional[int]:
 
 def pair_inputs(pair: dict, files: dict[str, str], params: Params) -> PairInputs:
     """Portrait and audio of one pair, from its clips' feature files (else from the split's paths)."""
-    from mcdm.data.features import load_landmarks
-    from mcdm.media.io import MediaError, read_audio, read_frames
 
     fps, rate, limit = params.data.fps, params.data.audio_rate, _frame_limit(params)
     audio_id, portrait_id = str(pair["audio_clip_id"]), str(pair["clip_id"])
@@ -232,7 +234,6 @@ def _table_row(pair: dict) -> dict:
 def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str | Path, syncnet: str | Path,
              table_path: str | Path, summary_path: str | Path, params: Params, pipe=None, progress: bool = True) -> dict:
     """Run the stage (see the module docstring); returns the content of the summary JSON."""
-    from mcdm.pipelines.mcdm import MCDMPipeline
 
     started = time.perf_counter()
     available = read_pairs(pairs_path)
@@ -242,7 +243,7 @@ def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str |
     if not Path(syncnet).exists():
         raise MissingStageOutput(syncnet, "syncnet_train")
     if pipe is None:
-        pipe = MCDMPipeline.from_models_dir(models_dir, params)
+        pipe = load_from_models_dir(models_dir, params)
     pipe.check_variant(params.variant)
     suite = M.MetricSuite(params.eval, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
 
@@ -289,6 +290,6 @@ def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str |
         "model_params_hash": pipe.config.provenance.get("params_hash"), "checkpoint": pipe.config.provenance.get("source"),
         "seconds": time.perf_counter() - started,
     }
-    _write_csv(table, Path(table_path))
-    _write_json(summary, Path(summary_path))
-    return _jsonable(summary)
+    write_csv(table, Path(table_path))
+    write_json(jsonable(summary), Path(summary_path))
+    return jsonable(summary)

@@ -1,9 +1,8 @@
 """token_figures: what the motion tokens look like. Beyond the paper, a lip-token heatmap; the paper's
-Figure 6, a t-SNE of expression tokens (DECISIONS #23).
+Figure 6, a t-SNE of expression tokens (decisions.md #23).
 
 1. Lip-token heatmap. On the first ``eval.token_figures.heatmap_clips`` test clips (regular clips first, the
    order ``evaluate`` picks them in), over the first ``eval.token_figures.heatmap_seconds``:
-
    * sampled: the present-clip motion prior's lip tokens, sampled clip after clip of
      ``model.clip_frames`` frames (``model.prior_inference_steps`` DDIM steps, generator seeded with
      ``seed``) from the clip's audio features and reference identity embedding, as
@@ -44,7 +43,12 @@ import torch
 
 from mcdm.config import Params
 from mcdm.errors import McdmError, MissingStageOutput
-from mcdm.eval.evaluate import _atomic_savefig, _jsonable, _write_csv, _write_json, read_index, select_test_clips
+from mcdm.eval.test_set import read_index, select_test_clips
+from mcdm.face.geometry import expression_offsets
+from mcdm.media.files import jsonable, save_figure, write_csv, write_json
+from mcdm.models.loading import load_strict
+from mcdm.models.motion_encoders import MotionEncoders
+from mcdm.models.motion_prior import PresentClipMotionPrior
 
 STAGE = "token_figures"
 TSNE_SPLITS = ("test", "open_set")
@@ -69,8 +73,6 @@ def read_arrays(path: str | Path, keys: tuple[str, ...], stop: Optional[int] = N
 
 def load_motion_prior(folder: str | Path, variant: str):
     """The stage-2 present-clip motion prior, or None for ``wo_fpc`` (which has none)."""
-    from mcdm.models.encoders import load_strict
-    from mcdm.models.motion_prior import PresentClipMotionPrior
 
     if Path(folder).is_dir():
         return load_strict(PresentClipMotionPrior, folder).requires_grad_(False)
@@ -110,7 +112,6 @@ def ground_truth_lip_tokens(lip_encoder, mouth_crops: np.ndarray) -> np.ndarray:
 
 def expression_tokens(expression_encoder, landmarks: np.ndarray) -> np.ndarray:
     """(T, expression_dim) expression tokens of a clip's (T, 68, 2) landmarks (neutral: the clip's median)."""
-    from mcdm.models.encoders import expression_offsets
 
     offsets = torch.as_tensor(expression_offsets(np.asarray(landmarks, np.float32)))
     return expression_encoder.encode_clip(offsets).float().cpu().numpy()
@@ -181,7 +182,7 @@ def plot_lip_heatmap(panels: list[LipPanel], fps: float, path: str | Path) -> Pa
                                 extent=(0, len(tok) / fps, tok.shape[1] - 0.5, -0.5))
             fig.colorbar(image, ax=[top, heat], shrink=0.8, label="token (standardised)")
     fig.suptitle("lip tokens over time, with the audio's loudness envelope above", fontsize=9)
-    _atomic_savefig(fig, Path(path))
+    save_figure(fig, Path(path, dpi=110))
     return Path(path)
 
 
@@ -209,7 +210,7 @@ def plot_tsne(table: pd.DataFrame, perplexity: float, path: str | Path) -> Path:
                  f"(perplexity {perplexity:g})")
     ax.title.set_fontsize(9)
     fig.tight_layout()
-    _atomic_savefig(fig, Path(path))
+    save_figure(fig, Path(path, dpi=110))
     return Path(path)
 
 
@@ -255,7 +256,6 @@ def token_figures(features_dir: str | Path, motion_prior_dir: str | Path, motion
                   heatmap_path: str | Path, tsne_path: str | Path, tsne_csv: str | Path, summary_path: str | Path,
                   params: Params) -> dict:
     """Run the stage (see the module docstring); returns the content of the summary JSON."""
-    from mcdm.models.encoders import MotionEncoders
 
     started = time.perf_counter()
     tf = params.eval.token_figures
@@ -269,7 +269,7 @@ def token_figures(features_dir: str | Path, motion_prior_dir: str | Path, motion
     table, tokens = expression_table(index, encoders.expression, tf.tsne_frames_per_clip)
     coords, perplexity = tsne_2d(tokens, tf.tsne_perplexity, params.seed)
     table["x"], table["y"] = coords[:, 0], coords[:, 1]
-    _write_csv(table, Path(tsne_csv))
+    write_csv(table, Path(tsne_csv))
     plot_tsne(table, perplexity, tsne_path)
     summary = {
         "lip_heatmap": {"path": str(heatmap_path), "clips": [p.clip_id for p in panels],
@@ -282,5 +282,5 @@ def token_figures(features_dir: str | Path, motion_prior_dir: str | Path, motion
                  "expression_dim": int(tokens.shape[1]), "perplexity": perplexity, "random_state": params.seed},
         "params_hash": params.hash(), "seconds": time.perf_counter() - started,
     }
-    _write_json(summary, Path(summary_path))
-    return _jsonable(summary)
+    write_json(jsonable(summary), Path(summary_path))
+    return jsonable(summary)

@@ -1,9 +1,8 @@
-"""One member of the ablation matrix or of the alpha sweep (paper Tables 4-5, Figure 7; DECISIONS #10).
+"""One member of the ablation matrix or of the alpha sweep (paper Tables 4-5, Figure 7; decisions.md #10).
 
 A member retrains only the stages its variant changes, at ``ablations.steps_fraction`` of each
 stage's steps, takes every other stage from the main line's ``models/``, and evaluates the assembled
 pipeline exactly as the ``evaluate`` stage does:
-
 ==========================  ==================  ==================================================
 member                      retrains            takes from the main line
 ==========================  ==================  ==================================================
@@ -37,9 +36,17 @@ from typing import Optional
 
 from mcdm.config import Params, deep_merge, validate
 from mcdm.errors import McdmError, MissingStageOutput
+from mcdm.eval.evaluate import evaluate
+from mcdm.eval.record import track_evaluation
+from mcdm.media.files import write_json
+from mcdm.media.layout import MODELS_LAYOUT
+from mcdm.pipelines.loading import load_from_models_dir
+from mcdm.tracking import runs as mlflow_tracking
+from mcdm.train.stages.inputs import StageInputs
+from mcdm.train.stages.run import run_stage
 
 STAGES = (1, 2, 3)
-# stages a variant changes (DECISIONS #10); ``full`` changes none, but a ``full`` member retrains all
+# stages a variant changes (decisions.md #10); ``full`` changes none, but a ``full`` member retrains all
 # three at the members' budget (see ``member_stages``)
 VARIANT_STAGES: dict[str, tuple[int, ...]] = {
     "full": (),
@@ -96,8 +103,7 @@ def stage_folders(models: Path, out: Path, retrained: tuple[int, ...]) -> dict[i
 
 
 def pipeline_overrides(folders: dict[int, Path], models: Path) -> dict[str, Path]:
-    """``MCDMPipeline.from_models_dir`` overrides: every component a retrained stage exports."""
-    from mcdm.pipelines.mcdm import MODELS_LAYOUT
+    """``mcdm.pipelines.loading.load_from_models_dir`` overrides: every component a retrained stage exports."""
 
     out = {}
     for component, (sub, _) in MODELS_LAYOUT.items():
@@ -118,10 +124,6 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
     (a sweep member sweeps the main line's variant at its seed); ``alpha`` None makes an ablation
     member (at ``ablations.alpha``), a number a sweep member.
     """
-    from mcdm.tracking import runs as mlflow_tracking
-    from mcdm.eval.evaluate import evaluate, track_evaluation
-    from mcdm.pipelines.mcdm import MCDMPipeline
-    from mcdm.train.stages import StageInputs, run_stage, write_json
 
     started = time.time()
     features, models, out, reports = Path(features), Path(models), Path(out), Path(reports)
@@ -148,7 +150,7 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
             print(f"{name}: stage {k} ({variant}, seed {seed}, alpha {mp.alpha}): {result.get('steps')} steps, "
                   f"{result.get('wall_s', 0):.0f} s")
         # 2. the pipeline from the member's stages and the main line's others, evaluated as `evaluate` does
-        pipe = MCDMPipeline.from_models_dir(models, mp, overrides=pipeline_overrides(folders, models))
+        pipe = load_from_models_dir(models, mp, overrides=pipeline_overrides(folders, models))
         metrics = evaluate(features, models, syncnet, reports, samples, mp, pipe=pipe, progress=progress,
                            baselines=False)  # model-independent: the main line's evaluate measures them
         metrics["member"] = {

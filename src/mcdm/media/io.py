@@ -16,6 +16,8 @@ from typing import Iterator
 import av
 import numpy as np
 
+from mcdm.media.files import atomic_path
+
 AUDIO_RATE = 16_000
 
 
@@ -190,10 +192,8 @@ def write_video(
     half-written file under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     rate = Fraction(fps).limit_denominator(1000)
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         vstream = None
         astream = None
         if audio is not None:
@@ -215,7 +215,6 @@ def write_video(
             container.mux(packet)
         if astream is not None:
             _encode_audio(container, astream, np.asarray(audio, np.float32).reshape(-1), audio_rate)
-    os.replace(tmp, path)
     return path
 
 
@@ -237,9 +236,6 @@ def _encode_audio(container, stream, audio: np.ndarray, rate: int) -> None:
 def write_wav(path: str | os.PathLike, audio: np.ndarray, rate: int = AUDIO_RATE) -> Path:
     import soundfile as sf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    sf.write(str(tmp), np.asarray(audio, np.float32), rate, format="WAV", subtype="PCM_16")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.asarray(audio, np.float32), rate, format="WAV", subtype="PCM_16")
+    return Path(path)

@@ -1,4 +1,4 @@
-"""Present-clip motion-prior diffusion model (paper Sec. 3.3, Eq. 3; DECISIONS #3, #4).
+"""Present-clip motion-prior diffusion model (paper Sec. 3.3, Eq. 3; decisions.md #3, #4).
 
 It predicts per-frame motion states -- head, lip and expression tokens (see ``encoders.py``) -- for a
 present clip of F frames from the clip's audio and the reference image, optionally guided by landmark
@@ -38,7 +38,8 @@ from einops import rearrange, repeat
 from torch import nn
 
 from mcdm.errors import McdmError
-from mcdm.models.encoders import HEAD_POSE_DIM, frame_windows
+from mcdm.face.geometry import HEAD_POSE_DIM
+from mcdm.models.motion_encoders import frame_windows
 
 # token slots per frame, in sequence order
 SLOT_CORRELATION, SLOT_HEAD, SLOT_LIP, SLOT_EXPRESSION = range(4)
@@ -220,15 +221,6 @@ class PresentClipMotionPrior(ModelMixin, ConfigMixin):
     @property
     def num_present_clip_tokens(self) -> int:
         return 3
-
-    @classmethod
-    def from_params(cls, model_params, audio_dim: int, ref_dim: int, landmark_dim: int) -> "PresentClipMotionPrior":
-        """Build from ``params.model`` (mcdm.config.ModelParams) and the feature / guider widths."""
-        m = model_params
-        return cls(audio_dim=audio_dim, ref_dim=ref_dim, lip_dim=m.lip_dim, expression_dim=m.expression_dim,
-                   landmark_dim=landmark_dim, dim=m.prior_dim, num_layers=m.prior_layers, num_heads=m.prior_heads,
-                   audio_window=m.audio_window, num_train_timesteps=m.prior_train_timesteps,
-                   beta_schedule=m.prior_beta_schedule, p_drop_landmarks=m.p_drop_landmarks)
 
     @torch.no_grad()
     def fit_condition_statistics(self, audio_frames: torch.Tensor, ref_embeddings: torch.Tensor) -> "PresentClipMotionPrior":

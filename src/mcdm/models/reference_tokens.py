@@ -1,6 +1,6 @@
 """Reference tokens: the reference frame's latent as ``m`` tokens of width ``d`` for cross-attention.
 
-In the UNet pretraining (DECISIONS #1) these tokens are the ``encoder_hidden_states`` of the SD-shaped
+In the UNet pretraining (decisions.md #1) these tokens are the ``encoder_hidden_states`` of the SD-shaped
 UNet, where SD-1.5 had CLIP text tokens: the UNet learns to denoise a frame while looking at another
 frame of the same face. Saved beside the UNet as its own model (``models/base/ref_tokens/``).
 

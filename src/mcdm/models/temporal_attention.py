@@ -5,7 +5,7 @@ Its weights live in a diffusers ``Attention`` (``attn_temporal``); the maths liv
 below, swapped with ``set_processor`` / ``set_attn_processor``:
 
 - ``MemoryTemporalAttnProcessor`` (MTA, the full model): a motion memory built from the archived-clip
-  reference features (Eq. 4-5, per frame, DECISIONS #6) is concatenated with the present-clip reference
+  reference features (Eq. 4-5, per frame, decisions.md #6) is concatenated with the present-clip reference
   features along time (2T), FAVOR+ fast attention runs over the 2T tokens, and the half aligned with the
   present clip is the output F_m. Only the last memory state is carried to the next clip.
 - ``SoftmaxTemporalAttnProcessor`` (``wo_mta``): standard softmax temporal self-attention over the T
@@ -132,7 +132,7 @@ def attention_cost(kind: str, length: int, dim: int, num_features: int = 0, batc
 def motion_memory(
     archived_features: torch.Tensor, alpha: float, initial: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The memory state aligned with each frame of a clip, per DECISIONS #6.
+    """The memory state aligned with each frame of a clip, per decisions.md #6.
 
     archived_features: (N, T, C) = F_ac,f^ref for f = 1..T; initial: (N, C) state carried from the
     previous clip, or None for the first clip. Returns (N, T, C) = M_1..M_T:

@@ -18,9 +18,23 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy.ndimage import gaussian_filter1d
 
-from mcdm.config import DataParams, Params
+from mcdm.config import DataParams
 from mcdm.errors import McdmError
+from mcdm.face.dlib import DlibFace, Face
+from mcdm.face.geometry import head_pose_from_landmarks
+from mcdm.face.tracks import (
+    TrackSettings,
+    crop_boxes,
+    crop_square,
+    detection_scale,
+    sample_faces,
+    to_crop_coords,
+    track_boxes,
+)
+from mcdm.media.io import MediaError, iter_frames, read_audio
 
 
 @dataclass
@@ -38,14 +52,8 @@ class DrivingTrack:
     detect_rate: float  # fraction of sampled frames with exactly one face
 
 
-def _params(data: DataParams) -> Params:
-    return Params(data=data)
-
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 (H, W, 3) of an image file; McdmError naming the file when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise McdmError(f"{path}: no such image file")
@@ -61,8 +69,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 def read_speech(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
     """Float32 mono audio at ``rate`` from any audio or video file; McdmError when it does not decode or is empty."""
-    from mcdm.media.io import MediaError, read_audio
-
     path = Path(path)
     if not path.is_file():
         raise McdmError(f"{path}: no such audio file")
@@ -82,11 +88,8 @@ def read_speech(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
 def detect_faces(image: np.ndarray, data: DataParams):
     """dlib faces of an RGB image (source pixels, best first), with the faces stage's detection scale
     (a ``data.min_face_px`` face fills HOG's window, the image is at most ``data.detect_max_side``)."""
-    from mcdm.face.dlib import DlibFace, Face
-    from mcdm.data.faces import detection_scale
-
     h, w = image.shape[:2]
-    scale = detection_scale(h, w, _params(data))
+    scale = detection_scale(h, w, TrackSettings.from_data(data))
     small = image if scale == 1 else cv2.resize(
         image, (max(1, round(w * scale)), max(1, round(h * scale))),
         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -97,14 +100,12 @@ def detect_faces(image: np.ndarray, data: DataParams):
 
 def crop_portrait(image: np.ndarray, data: DataParams, what: str = "reference image") -> PortraitCrop:
     """The talking-head crop of a portrait, framed as the faces stage frames training clips."""
-    from mcdm.data.faces import crop_boxes, crop_square, to_crop_coords
-
     face, faces = detect_faces(image, data)
     if not faces:
         raise McdmError(f"{what}: no face found in the image")
     box = np.asarray(faces[0].box, np.float32)
     h, w = image.shape[:2]
-    square = crop_boxes(box[None], h, w, _params(data))[0]
+    square = crop_boxes(box[None], h, w, data.crop_scale)[0]
     crop = crop_square(image, square, data.resolution)
     landmarks = to_crop_coords(face.landmarks(image, tuple(int(round(v)) for v in box)), square, data.resolution)
     return PortraitCrop(crop, landmarks.astype(np.float32), tuple(float(v) for v in box), len(faces))
@@ -115,29 +116,22 @@ def driving_landmarks(path: str | os.PathLike, data: DataParams, n_frames: int) 
 
     Raises McdmError when the video does not decode, holds no face, or is shorter than ``n_frames``.
     """
-    from scipy.ndimage import gaussian_filter1d
-
-    from mcdm.face.dlib import DlibFace
-    from mcdm.data.faces import crop_boxes, sample_faces, to_crop_coords, track_boxes
-    from mcdm.media.io import MediaError, iter_frames
-    from mcdm.models.encoders import head_pose_from_landmarks
-
     path = Path(path)
     if not path.is_file():
         raise McdmError(f"{path}: no such landmark video")
-    params = _params(data)
+    settings = TrackSettings.from_data(data)
     detector = DlibFace()
     try:
         # 1. sampled detections -> smoothed boxes -> the square crop of every frame (faces stage)
-        samples, n, (height, width) = sample_faces(str(path), params, detector)
+        samples, n, (height, width) = sample_faces((img for _, img in iter_frames(path, fps=data.fps)), settings, detector)
         good = [s for s in samples if s.status == "one"]
         if not good:
             raise McdmError(f"{path}: no single face found in the landmark video")
         if n < n_frames:
             raise McdmError(f"{path}: the landmark video has {n} frames ({n / data.fps:.2f} s), fewer than the "
                             f"{n_frames} to generate (shorten with --seconds)")
-        boxes = track_boxes(samples, 0, n_frames, params)
-        squares = crop_boxes(boxes, height, width, params)
+        boxes = track_boxes(samples, 0, n_frames, settings)
+        squares = crop_boxes(boxes, height, width, data.crop_scale)
         # 2. 68 landmarks on every frame, in crop pixels
         marks = np.zeros((n_frames, 68, 2), np.float32)
         count = 0

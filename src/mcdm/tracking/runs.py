@@ -38,92 +38,39 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import shutil
 import socket
-import subprocess
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
+from mcdm.config import Params, ParamsError, TrackingParams, load_params
 from mcdm.errors import McdmError
+from mcdm.media.images import image_grid
+from mcdm.tracking.backends import JsonlRun, MlflowRun
+from mcdm.tracking.store import (
+    OFFLINE_DIR,
+    TrackingUnavailable,
+    default_tracking_uri,
+    experiment_id,
+    git_state,
+    http_defaults,
+    no_retries,
+    project_root,
+    tracking_uri,
+)
 
 PARENT_RUN_ENV = "MCDM_PARENT_RUN_ID"
 MEMBER_ENV = "MCDM_ABLATION_MEMBER"  # set while an ablation / sweep member runs: never the main line
-PIPELINE_TAG = "mcdm.pipeline"
-DB_NAME = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
-OFFLINE_DIR = Path("logs") / "mlflow-offline"
-CANDIDATE, CHAMPION = "candidate", "champion"
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 METRIC_FLUSH_SECONDS = 5.0
 METRIC_FLUSH_COUNT = 500
 
 
-class TrackingUnavailable(UserWarning):
-    """The tracking store failed; the run goes on logging locally."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Where things are
-
-
-def project_root(start: str | Path | None = None) -> Path:
-    """The original project folder, also from inside ``dvc exp`` workspaces and git worktrees."""
-    if start is None and os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    here = Path(start or Path.cwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    for folder in (here, *here.parents):
-        if (folder / ".git").is_file():  # a linked worktree: the main one holds the store
-            common = _git(["rev-parse", "--path-format=absolute", "--git-common-dir"], folder)
-            if common:
-                return Path(common).parent
-        if (folder / ".dvc").is_dir() or (folder / ".git").is_dir():
-            return folder
-    return here
-
-
-def default_tracking_uri(project_dir: str | Path | None = None) -> str:
-    """``sqlite:///`` + the absolute path of ``mlflow.db`` at the project root."""
-    root = Path(project_dir).resolve() if project_dir is not None else project_root()
-    return f"sqlite:///{root / DB_NAME}"
-
-
-def tracking_uri(project_dir: str | Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(project_dir)
-
-
-def _is_local(uri: str) -> bool:
-    return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
-
-
-def _git(args: list[str], cwd: str | Path) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_state(cwd: str | Path | None = None) -> tuple[str, bool]:
-    """(commit of HEAD or 'unknown', whether tracked files differ from it)."""
-    cwd = cwd or Path.cwd()
-    rev = _git(["rev-parse", "HEAD"], cwd)
-    if not rev:
-        return "unknown", False
-    return rev, bool(_git(["status", "--porcelain", "--untracked-files=no"], cwd))
 
 
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -179,8 +126,6 @@ def run_tags(params, stage: str) -> dict[str, str]:
 def is_main_line(params) -> bool:
     """The run that registers model versions: variant ``full`` at the schema's default alpha, and not
     a member of the ablation matrix or the alpha sweep (a ``full`` member at alpha 0.1 is not it)."""
-    from mcdm.config import Params
-
     if os.environ.get(MEMBER_ENV):
         return False
     return params.variant == "full" and params.alpha == Params.model_fields["alpha"].default
@@ -203,218 +148,6 @@ def ablation_member(name: str) -> Iterator[None]:
 
 # --------------------------------------------------------------------------------------------------
 # Backends: one MLflow run, or a JSONL file when no store works
-
-
-def _http_defaults(uri: str) -> None:
-    if uri.startswith(("http://", "https://")):
-        for k, v in HTTP_DEFAULTS.items():
-            os.environ.setdefault(k, v)
-
-
-@contextlib.contextmanager
-def _no_retries(uri: str):
-    """Probe a remote store once, quickly, before committing a run to it."""
-    if not uri.startswith(("http://", "https://")):
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _check_sqlite(uri: str) -> None:
-    """Fail fast on a sqlite store that cannot open (MLflow itself retries for ~100 s)."""
-    if not uri.startswith("sqlite:///"):
-        return
-    import sqlite3
-
-    path = Path(uri.removeprefix("sqlite:///"))
-    path = path if path.is_absolute() else Path("/", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
-            db.execute("PRAGMA schema_version").fetchone()
-    except sqlite3.Error as err:
-        raise OSError(f"sqlite store {path}: {err}") from None
-
-
-def _experiment_id(client, name: str, uri: str, root: Path) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = (root / ARTIFACTS_DIR).as_uri() if _is_local(uri) else None
-    try:
-        # the MLflow 3 UI opens "model training" experiments on their runs table (not the GenAI overview)
-        return client.create_experiment(name, artifact_location=location,
-                                        tags={"mlflow.experimentKind": "custom_model_development"})
-    except MlflowException:  # created meanwhile by another process
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-class MlflowRun:
-    """One MLflow run written through ``MlflowClient`` (no global active-run state)."""
-
-    def __init__(self, uri: str, experiment: str, name: str, tags: Mapping[str, str],
-                 params: Mapping[str, str], parent: Optional[str], system_metrics: Optional[float],
-                 root: Path, parent_owned_key: Optional[str] = None):
-        from mlflow import MlflowClient
-
-        _http_defaults(uri)
-        _check_sqlite(uri)
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        with _no_retries(uri):
-            self.experiment_id = _experiment_id(self.client, experiment, uri, root)
-        self.parent = parent if parent and self._exists(parent) else None
-        if self.parent is None and parent_owned_key:
-            self.parent = self._keyed_parent(parent_owned_key, tags)
-        run_tags = dict(tags)
-        if self.parent:
-            run_tags["mlflow.parentRunId"] = self.parent
-            self.client.update_run(self.parent, status="RUNNING")
-        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=name)
-        self.run_id = run.info.run_id
-        self.artifact_uri = run.info.artifact_uri
-        self.log(params=params)
-        self.monitor = None
-        if system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=system_metrics, tracking_uri=uri)
-            self.monitor.start()
-
-    def _exists(self, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_run(run_id)
-            return True
-        except MlflowException:
-            return False
-
-    def _keyed_parent(self, key: str, tags: Mapping[str, str]) -> str:
-        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PIPELINE_TAG}` = '{key}'",
-                                        max_results=1, order_by=["attributes.start_time ASC"])
-        if found:
-            return found[0].info.run_id
-        exp = os.environ.get("DVC_EXP_NAME")
-        name = f"dvc {'exp ' + exp if exp else 'repro'} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        shared = {k: tags[k] for k in ("variant", "seed", "alpha", "params_hash", "git_rev") if k in tags}
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**shared, "stage": "pipeline", PIPELINE_TAG: key})
-        return run.info.run_id
-
-    def log(self, params: Mapping[str, str] | None = None, metrics: list[tuple] | None = None,
-            tags: Mapping[str, str] | None = None) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
-        items = list((params or {}).items())
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-        for i in range(0, len(metrics or []), 1000):
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step
-                                                        in metrics[i:i + 1000]])
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def artifact(self, path: Path, artifact_path: Optional[str]) -> None:
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def register(self, model_dir: Path, name: str, tags: Mapping[str, str]) -> Optional[str]:
-        from mlflow.exceptions import MlflowException
-
-        self.artifact(model_dir, "model")
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = self.client.create_model_version(name, source=f"{self.artifact_uri}/model", run_id=self.run_id,
-                                                   tags=dict(tags)).version
-        self.client.set_registered_model_alias(name, CANDIDATE, version)
-        self.log(tags={"registered_model": name, "registered_version": version})
-        return str(version)
-
-    def mark_killed(self, run_id: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.set_terminated(run_id, status="KILLED")
-        except MlflowException:
-            pass  # the killed run lived in another store
-
-    def end(self, status: str) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
-            self.monitor = None
-        self.client.set_terminated(self.run_id, status=status)
-        if self.parent:
-            self.client.set_terminated(self.parent, status=status)
-
-    def stop_monitor(self) -> None:
-        if self.monitor is not None:
-            with contextlib.suppress(Exception):
-                self.monitor.finish()
-            self.monitor = None
-
-
-class JsonlRun:
-    """The last resort: records appended to a local JSONL file, artifacts copied beside it."""
-
-    def __init__(self, root: Path, name: str, tags: Mapping[str, str], params: Mapping[str, str]):
-        self.run_id = f"offline-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.dir = root / OFFLINE_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"{self.run_id}.jsonl"
-        self.uri = str(self.path)
-        self._write({"kind": "start", "name": name, "tags": dict(tags), "params": dict(params)})
-
-    def _write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"time": time.time(), **record}) + "\n")
-
-    def log(self, params=None, metrics=None, tags=None) -> None:
-        if params:
-            self._write({"kind": "params", "params": dict(params)})
-        if tags:
-            self._write({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
-        for key, value, _, step in metrics or []:
-            self._write({"kind": "metric", "key": key, "value": value, "step": step})
-
-    def artifact(self, path: Path, artifact_path: Optional[str]) -> None:
-        dest = self.dir / self.run_id / (artifact_path or "") / path.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
-        self._write({"kind": "artifact", "path": str(dest), "artifact_path": artifact_path})
-
-    def register(self, model_dir: Path, name: str, tags: Mapping[str, str]) -> Optional[str]:
-        self._write({"kind": "register_skipped", "model_dir": str(model_dir), "name": name, "tags": dict(tags)})
-        return None
-
-    def mark_killed(self, run_id: str) -> None:
-        pass
-
-    def end(self, status: str) -> None:
-        self._write({"kind": "end", "status": status})
-
-    def stop_monitor(self) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,7 +334,7 @@ def stage_run(params, stage: str, *, tags: Optional[Mapping[str, Any]] = None) -
 
 
 def register_stage_model(tracker, params, model_dir: str | Path) -> Optional[str]:
-    """After stage 3: a new version of ``registry.name`` from the main line only (DECISIONS #16)."""
+    """After stage 3: a new version of ``registry.name`` from the main line only (decisions.md #16)."""
     if not is_main_line(params):
         return None
     return tracker.register_model(model_dir, params.registry.name,
@@ -614,8 +347,6 @@ def register_stage_model(tracker, params, model_dir: str | Path) -> Optional[str
 
 
 def _experiment_name(project_dir: Path) -> str:
-    from mcdm.config import ParamsError, TrackingParams, load_params
-
     try:
         return load_params(project_dir / "params.yaml").tracking.experiment
     except (ParamsError, OSError):
@@ -629,11 +360,11 @@ def start_parent_run(project_dir: str | Path, name: str, tags: Optional[Mapping[
 
     root = Path(project_dir).resolve()
     uri = tracking_uri(root)
-    _http_defaults(uri)
+    http_defaults(uri)
     try:
         client = MlflowClient(tracking_uri=uri)
-        with _no_retries(uri):
-            exp = _experiment_id(client, _experiment_name(root), uri, root)
+        with no_retries(uri):
+            exp = experiment_id(client, _experiment_name(root), uri, root)
         rev, _ = git_state(root)
         run = client.create_run(exp, run_name=f"{name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                                 tags={"stage": "pipeline", "flow": name, "git_rev": rev,
@@ -652,62 +383,7 @@ def end_parent_run(run_id: Optional[str], status: str = "FINISHED", project_dir:
         MlflowClient(tracking_uri=tracking_uri(project_dir)).set_terminated(run_id, status=status)
 
 
-def promote(name: str, version: str | int, metric: str, value: float, *, lower_is_better: bool = True,
-            uri: Optional[str] = None) -> bool:
-    """Record ``metric=value`` on the version and move ``champion`` to it when it beats the current
-    champion (or there is none). Returns whether it became champion. Registry errors raise
-    :class:`McdmError` (the caller retries; a flow does)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    if not math.isfinite(value):
-        raise McdmError(f"{name} v{version}: {metric} is {value}, cannot rank it")
-    uri = uri or tracking_uri()
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    version = str(version)
-    try:
-        client.set_model_version_tag(name, version, metric, str(value))
-        try:
-            champion = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
-            champion = None
-        if champion is not None and str(champion.version) != version:
-            best = float(champion.tags.get(metric, "nan"))
-            if math.isfinite(best) and (value >= best if lower_is_better else value <= best):
-                return False
-        client.set_registered_model_alias(name, CHAMPION, version)
-    except MlflowException as err:
-        raise McdmError(f"registry {uri}: {name} v{version}: {str(err).splitlines()[0]}") from None
-    return True
-
-
-def promote_by_metric(params, version: str | int, value: float, uri: Optional[str] = None) -> bool:
-    return promote(params.registry.name, version, params.registry.primary_metric, value,
-                   lower_is_better=params.registry.lower_is_better, uri=uri)
-
-
 # --------------------------------------------------------------------------------------------------
 # Pictures
 
 
-def image_grid(frames, ncols: Optional[int] = None) -> np.ndarray:
-    """Tile N frames, (N, H, W, C) or (N, C, H, W) with C in {1, 3}, uint8 or float in [0, 1], into
-    one (rows*H, cols*W, 3) uint8 image; missing cells are black."""
-    from einops import rearrange
-
-    x = frames.detach().cpu().float().numpy() if hasattr(frames, "detach") else np.asarray(frames)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.ndim != 4:
-        raise McdmError(f"image grid: expected (N, H, W, C) or (N, C, H, W) frames, got shape {x.shape}")
-    if x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
-        x = rearrange(x, "n c h w -> n h w c")
-    if x.dtype != np.uint8:
-        x = (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    if x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
-    n = len(x)
-    ncols = ncols or math.ceil(math.sqrt(n))
-    nrows = math.ceil(n / ncols)
-    pad = np.zeros((nrows * ncols - n, *x.shape[1:]), dtype=np.uint8)
-    return rearrange(np.concatenate([x, pad]), "(r c) h w ch -> (r h) (c w) ch", r=nrows)

@@ -2,7 +2,7 @@
 
 A *video* is one ``data/features/<clip_id>.safetensors`` of the training split (T frames). A training
 *sample* is a run of K consecutive present clips of F = ``model.clip_frames`` frames starting at
-frame s (K = 1 in stages 1-2, K = ``train.stage3.clips_per_run`` in stage 3, DECISIONS #6)::
+frame s (K = 1 in stages 1-2, K = ``train.stage3.clips_per_run`` in stage 3, decisions.md #6)::
 
     reference            frame 0 of the video (its latent and identity embedding)
     present clip k       frames [s + kF, s + (k+1)F)                       k = 0 .. K-1
@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mcdm.errors import McdmError, MissingStageOutput
-from mcdm.models.encoders import render_landmark_heatmaps
+from mcdm.face.heatmaps import render_landmark_heatmaps
 
 FEATURES_STAGE = "features"
 # feature-file arrays the stages read (``frames`` and ``waveform`` stay on disk)

@@ -37,249 +37,37 @@ A stage builds its model (frozen parts with ``requires_grad=False``), a dataset 
 """
 from __future__ import annotations
 
-import base64
-import contextlib
-import functools
-import hashlib
 import json
 import math
-import os
-import random
 import resource
-import shutil
-import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mcdm.errors import McdmError
+from mcdm.train.checkpoints import resume, save_checkpoint
 from mcdm.train.data import StepBatchSampler, move_batch, step_loader
-
-DEFAULT_DEEPSPEED_CONFIG = "configs/deepspeed/zero2.json"
-CHECKPOINT_META = "mcdm_checkpoint.json"
-TAG_PREFIX = "step_"
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-#: params that change how long a stage runs or how it is watched, not where it goes: a checkpoint
-#: made before such a change is still resumed
-RESUMABLE_ACROSS = ("checkpoint_every", "keep_checkpoints", "steps")
+from mcdm.train.distributed import init_distributed, on_gpu, single_process_env
+from mcdm.train.reproducibility import seed_everything, set_determinism
+from mcdm.train.spec import TrainResult, TrainSpec
 
 
 class NonFiniteLoss(McdmError):
     """The loss (or gradient norm) became NaN / inf: the stage stops, keeping its last good checkpoint."""
 
 
-class CheckpointMismatch(McdmError):
-    """A checkpoint in the folder was made for another variant or other parameter shapes."""
-
-
 # --------------------------------------------------------------------------------------------------
 # What to train
 
 
-@dataclass
-class TrainSpec:
-    """Everything the loop needs besides the model, the loss and the data."""
-
-    name: str
-    steps: int
-    batch_size: int  # global batch, split over the ranks
-    lr: float
-    checkpoint_dir: Path
-    checkpoint_every: int
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    keep_checkpoints: int = 2
-    seed: int = 0
-    deterministic: bool = True
-    deepspeed_config: Path = Path(DEFAULT_DEEPSPEED_CONFIG)
-    gradient_checkpointing: bool = False
-    variant: str = "full"
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-    num_workers: int = 0
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
-
-    def __post_init__(self) -> None:
-        self.checkpoint_dir = Path(self.checkpoint_dir)
-        self.deepspeed_config = Path(self.deepspeed_config)
-        # compared with the JSON stored in checkpoints, so keep it in its JSON form
-        self.fingerprint = json.loads(json.dumps(self.fingerprint, sort_keys=True, default=str))
-
-    @classmethod
-    def from_params(cls, params, stage: int, checkpoint_dir: str | Path, *, name: Optional[str] = None,
-                    fingerprint: Optional[Mapping[str, Any]] = None) -> "TrainSpec":
-        """The spec of ``train.stage<stage>``. The fingerprint covers the params (minus step counts and
-        checkpoint cadence), the ``mcdm`` source code, and whatever the stage adds (e.g. its inputs'
-        hash), so a checkpoint is resumed only by the run that made it."""
-        sp = getattr(params.train, f"stage{stage}")
-        dump = params.model_dump(mode="json")
-        for key in ("tracking", "registry", "eval", "ablations", "sweep"):
-            dump.pop(key, None)
-        for key in RESUMABLE_ACROSS:
-            dump["train"].pop(key, None)
-            for k in (1, 2, 3):
-                dump["train"][f"stage{k}"].pop(key, None)
-        fp = {"params": _hash(dump), "code": code_fingerprint()}
-        fp.update(fingerprint or {})
-        return cls(
-            name=name or f"train_stage{stage}", steps=sp.steps, batch_size=sp.batch_size, lr=sp.lr,
-            grad_clip=sp.grad_clip, warmup_steps=sp.warmup_steps, checkpoint_dir=Path(checkpoint_dir),
-            checkpoint_every=params.train.checkpoint_every, keep_checkpoints=params.train.keep_checkpoints,
-            seed=params.seed, deterministic=params.train.deterministic,
-            deepspeed_config=Path(params.train.deepspeed_config),
-            gradient_checkpointing=params.model.gradient_checkpointing, variant=params.variant,
-            fingerprint=fp, num_workers=params.train.num_workers, precision=params.train.precision,
-        )
-
-
-@dataclass
-class TrainResult:
-    engine: Any  # deepspeed.DeepSpeedEngine: .module, .device
-    steps: int
-    steps_run: int
-    resumed_from: Optional[int]
-    final_loss: float
-    wall_s: float
-    peak_memory_mb: float
-    rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """Hash of the ``mcdm`` package's Python sources (a code change must not resume an old run).
-    Computed once per process: the code a process runs is the code it loaded at start."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------------------------------
 # Process set-up: accelerator, process group, determinism
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _single_process_env():
-    """When no launcher started us, act as rank 0 of 1 while DeepSpeed sets up, then restore the
-    environment (so processes we start later do not believe they were launched)."""
-    if "RANK" in os.environ:
-        missing = [k for k in LAUNCHER_VARS if k not in os.environ]
-        if missing:
-            raise McdmError(f"launched with RANK set but without {', '.join(missing)}")
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in LAUNCHER_VARS}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(_free_port()))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _import_deepspeed():
-    if not on_gpu():
-        # choose DeepSpeed's CPU accelerator outright instead of letting it probe and warn
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    if not on_gpu():
-        # gloo does the (rare) CPU collectives; without this DeepSpeed JIT-compiles its shared-memory
-        # all-reduce op at start-up (minutes on 2 cores, and it needs a C++ toolchain)
-        from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-    return deepspeed
-
-
-def init_distributed():
-    """Start (once per process) the process group: gloo on CPU, the accelerator's backend on GPU."""
-    deepspeed = _import_deepspeed()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        with _single_process_env():
-            deepspeed.init_distributed(dist_backend=None if on_gpu() else "gloo")
-    return deepspeed
-
-
-def set_determinism(deterministic: bool) -> None:
-    if not deterministic:
-        torch.use_deterministic_algorithms(False)
-        return
-    if on_gpu():
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-    # warn_only: an op without a deterministic kernel warns instead of killing a long run
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a step may draw from, as JSON."""
-    version, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {"python": [version, list(state), gauss],
-           "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-           "torch": _b64(torch.get_rng_state())}
-    if on_gpu():
-        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return out
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    version, st, gauss = state["python"]
-    random.setstate((version, tuple(st), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and on_gpu():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,217 +135,8 @@ def resolve_deepspeed_config(path: str | Path, spec: TrainSpec, world_size: int,
 # Checkpoints
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
-
-
-def complete_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path, dict[str, Any]]]:
-    """(step, folder, meta) of every checkpoint whose writing finished, oldest first."""
-    out = []
-    root = Path(checkpoint_dir)
-    if not root.is_dir():
-        return out
-    for tag in root.glob(f"{TAG_PREFIX}*"):
-        meta_path = tag / CHECKPOINT_META
-        if not meta_path.is_file():
-            continue
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        out.append((int(meta["step"]), tag, meta))
-    return sorted(out, key=lambda item: item[0])
-
-
-def trainable_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
-    return {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _shape(s: list[int]) -> str:
-    return "(" + ", ".join(str(d) for d in s) + ("," if len(s) == 1 else "") + ")"
-
-
-def check_compatible(meta: Mapping[str, Any], where: Path, model: torch.nn.Module, variant: str) -> None:
-    """Refuse a checkpoint made for another variant or other trainable shapes, naming both."""
-    ours, theirs = trainable_shapes(model), meta.get("trainable", {})
-    ck_variant = meta.get("variant")
-    diffs = [f"{n}: {_shape(theirs[n])} in the checkpoint vs {_shape(ours[n])} in this model"
-             for n in ours if n in theirs and theirs[n] != ours[n]]
-    only_ck = sorted(set(theirs) - set(ours))
-    only_model = sorted(set(ours) - set(theirs))
-    if only_ck:
-        diffs.append(f"{len(only_ck)} checkpoint parameter(s) this model lacks, e.g. "
-                     + ", ".join(f"{n} {_shape(theirs[n])}" for n in only_ck[:3]))
-    if only_model:
-        diffs.append(f"{len(only_model)} model parameter(s) the checkpoint lacks, e.g. "
-                     + ", ".join(f"{n} {_shape(ours[n])}" for n in only_model[:3]))
-    if not diffs and ck_variant == variant:
-        return
-    if not diffs:
-        n = next(iter(ours), None)
-        diffs.append("same shapes" + (f" (e.g. {n}: {_shape(ours[n])} in both)" if n else ""))
-    raise CheckpointMismatch(
-        f"refusing to resume from {where}: it was made for variant {ck_variant!r}, this run is variant "
-        f"{variant!r}; " + "; ".join(diffs[:4])
-        + f". Give this run its own checkpoint folder or delete {where.parent}")
-
-
-def _checked_module_load(src: Mapping[str, torch.Tensor], dst: torch.nn.Module) -> None:
-    """Checkpoints leave out frozen parameters: everything else must match exactly."""
-    result = dst.load_state_dict(src, strict=False)
-    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
-    missing = sorted(set(result.missing_keys) - frozen)
-    if missing or result.unexpected_keys:
-        raise CheckpointMismatch(f"checkpoint does not fit the model: missing {missing[:5]}, "
-                                 f"unexpected {sorted(result.unexpected_keys)[:5]}")
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def save_checkpoint(engine, spec: TrainSpec, step: int, loss: float, rank: int, world_size: int,
-                    extra: Optional[Mapping[str, Any]] = None,
-                    before_commit: Optional[Callable[[], None]] = None) -> Path:
-    """All ranks call this. The folder counts only once rank 0 has renamed its meta file into it;
-    ``before_commit`` runs (on every rank) just before, so what it adds belongs to the checkpoint."""
-    root = spec.checkpoint_dir
-    tag = tag_for(step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tag, ignore_errors=True)  # a half-written try at the same step
-    _barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "data_step": step},
-                           save_latest=False, exclude_frozen_parameters=True)
-    _atomic_write_text(root / tag / f"rng_rank{rank}.json", json.dumps(rng_state()))
-    if before_commit is not None:
-        with preserved_rng():
-            before_commit()
-    _barrier()
-    if rank == 0:
-        meta = {"step": step, "loss": loss, "variant": spec.variant, "fingerprint": spec.fingerprint,
-                "world_size": world_size, "global_batch": spec.batch_size, "data_step": step,
-                "trainable": trainable_shapes(engine.module), "time": time.time(), **(extra or {})}
-        _atomic_write_text(root / tag / CHECKPOINT_META, json.dumps(meta, indent=1))
-        _atomic_write_text(root / "latest", tag)  # DeepSpeed's own pointer (zero_to_fp32.py reads it)
-        done = complete_checkpoints(root)
-        for _, old, _ in done[:-spec.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        newest = done[-1][0]
-        for path in root.glob(f"{TAG_PREFIX}*"):
-            if not (path / CHECKPOINT_META).exists() and path.name < tag_for(newest):
-                shutil.rmtree(path, ignore_errors=True)
-    _barrier()
-    return root / tag
-
-
-def _discard_checkpoints(paths: list[Path], root: Path, rank: int) -> None:
-    if rank == 0:
-        for path in paths:
-            shutil.rmtree(path, ignore_errors=True)
-        left = complete_checkpoints(root)
-        if left:
-            _atomic_write_text(root / "latest", left[-1][1].name)
-        else:
-            (root / "latest").unlink(missing_ok=True)
-    _barrier()
-
-
-def resume(engine, spec: TrainSpec, rank: int, say: Callable[[str], None]) -> tuple[int, Optional[dict]]:
-    """Load the newest usable checkpoint; return (the step it ends at, its meta) or (0, None)."""
-    done = complete_checkpoints(spec.checkpoint_dir)
-    if not done:
-        return 0, None
-    _, newest, newest_meta = done[-1]
-    same_run = newest_meta.get("fingerprint") == spec.fingerprint
-    if same_run or newest_meta.get("variant") != spec.variant:
-        # another variant's folder, or this run's own checkpoint that no longer fits: never touch it
-        check_compatible(newest_meta, newest, engine.module, spec.variant)
-    if not same_run:
-        theirs = newest_meta.get("fingerprint", {})
-        changed = sorted(k for k in set(theirs) | set(spec.fingerprint) if theirs.get(k) != spec.fingerprint.get(k))
-        say(f"{spec.name}: checkpoints in {spec.checkpoint_dir} were made with other {', '.join(changed)}; "
-            "they cannot continue this run: discarded, starting at step 0")
-        _discard_checkpoints([path for _, path, _ in done], spec.checkpoint_dir, rank)
-        return 0, None
-    beyond = [path for s, path, _ in done if s > spec.steps]
-    if beyond:  # the step count was lowered: resume from a checkpoint inside it
-        say(f"{spec.name}: {len(beyond)} checkpoint(s) past step {spec.steps} dropped")
-        _discard_checkpoints(beyond, spec.checkpoint_dir, rank)
-        done = [d for d in done if d[0] <= spec.steps]
-        if not done:
-            return 0, None
-    step, where, meta = done[-1]
-    load_path, client = engine.load_checkpoint(str(spec.checkpoint_dir), tag=where.name,
-                                               custom_load_fn=_checked_module_load)
-    if load_path is None or client.get("step") != step:
-        raise McdmError(f"{where}: DeepSpeed could not load this checkpoint")
-    rng_file = where / f"rng_rank{rank}.json"
-    if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()))
-    else:  # resumed on more ranks than it was saved with: fresh, but still reproducible, streams
-        seed_everything(spec.seed + rank + 1_000_003 * step)
-    say(f"{spec.name}: resumed from step {step} ({where})")
-    return step, meta
-
-
 # --------------------------------------------------------------------------------------------------
 # Export
-
-
-def _fp32_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's weights with trainable parameters taken from the optimizer's fp32 master copy
-    (a collective under ZeRO: every rank must call it)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
-             for k, v in module.state_dict().items()}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            master = safe_get_full_fp32_param(p)
-            if master is not None:
-                state[name] = master.detach().float().cpu().reshape(p.shape)
-    return state
-
-
-def export_pretrained(modules, out_dir: str | Path, *, rank: int = 0, fp32_master: bool = True) -> Path:
-    """Write a diffusers ``save_pretrained`` folder (safetensors + config.json), or one subfolder per
-    entry of a mapping, to ``<out>.tmp`` and rename it to ``out``. Call on every rank; rank 0 writes.
-
-    With ``fp32_master`` the trainable weights come from DeepSpeed's fp32 master copy, so a bf16
-    run exports full-precision weights."""
-    out = Path(out_dir)
-    items = modules.items() if isinstance(modules, Mapping) else [("", modules)]
-    states = [(sub, m, _fp32_state_dict(m) if fp32_master else None) for sub, m in items]
-    if rank != 0:
-        _barrier()
-        return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub, module, state in states:
-        target = tmp / sub if sub else tmp
-        to_save = module
-        if state is not None and any(v.dtype != state[k].dtype for k, v in module.state_dict().items()):
-            to_save = type(module).from_config(module.config)
-            to_save.load_state_dict(state, strict=True)
-        to_save.save_pretrained(target, safe_serialization=True)
-    old = out.with_name(out.name + ".old.tmp")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -623,7 +202,7 @@ def train_loop(model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
         raise McdmError(f"{spec.name}: the model has no trainable parameters")
     config = resolve_deepspeed_config(spec.deepspeed_config, spec, world_size,
                                       trainable_numel=sum(p.numel() for p in trainable))
-    with _single_process_env():
+    with single_process_env():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
 
@@ -689,11 +268,3 @@ def _stop_message(spec: TrainSpec, what: str, value: float | str, step: int, las
     return f"{spec.name}: {what} is {value} at step {step}; stopped ({kept})"
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a side task (sampling a preview) without moving the training RNG streams."""
-    state = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)

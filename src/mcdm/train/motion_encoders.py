@@ -1,4 +1,4 @@
-"""The ``motion_encoders`` stage (DECISIONS #3): train the lip and expression encoders, fit the head-token
+"""The ``motion_encoders`` stage (decisions.md #3): train the lip and expression encoders, fit the head-token
 statistics, freeze and save them. Runs after ``features`` and before ``train_stage2``.
 
 Objectives (stated, since the paper's supplement is unavailable):
@@ -33,14 +33,9 @@ from tqdm import tqdm
 
 from mcdm.config import Params
 from mcdm.errors import McdmError, MissingStageOutput
-from mcdm.models.encoders import (
-    ExpressionEncoder,
-    HeadPoseEncoder,
-    LipAudioEncoder,
-    LipEncoder,
-    MotionEncoders,
-    expression_offsets,
-)
+from mcdm.face.geometry import expression_offsets
+from mcdm.models.motion_encoders import ExpressionEncoder, HeadPoseEncoder, LipAudioEncoder, LipEncoder, MotionEncoders
+from mcdm.train.steps import StepLoop
 
 MIN_SHIFT, MAX_SHIFT, N_SHIFTS = 2, 15, 4
 MIN_FRAMES = 2 * MIN_SHIFT + 1  # every centre of such a clip has a shifted window inside the clip
@@ -167,14 +162,12 @@ def train_lip_encoder(clips, val_clips, params: Params, device, rng, show=True):
     audio_enc = LipAudioEncoder(audio_dim=audio_dim, window=m.lip_window, lip_dim=m.lip_dim)
     audio_enc = audio_enc.fit(torch.cat([c.audio for c in clips])).to(device)
     opt = torch.optim.AdamW([*lip.parameters(), *audio_enc.parameters()], lr=m.motion_encoder_lr, weight_decay=1e-4)
-    losses = []
-    for _ in tqdm(range(m.motion_encoder_steps), desc="motion_encoders: lip (InfoNCE)", disable=not show):
+    loop = StepLoop([*lip.parameters(), *audio_enc.parameters()], opt, m.motion_encoder_steps,
+                    desc="motion_encoders: lip (InfoNCE)", progress=show)
+    for _ in loop:
         mouths, pos, neg = (x.to(device) for x in lip_batch(clips, m.motion_encoder_batch_size, m.lip_window, rng))
-        loss = lip_infonce(lip, audio_enc, mouths, pos, neg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        loop.step(lip_infonce(lip, audio_enc, mouths, pos, neg))
+    losses = loop.losses
     lip.eval(), audio_enc.eval()
     chance = 1.0 / (2 * MAX_SHIFT + 1)
     metrics = {
@@ -202,19 +195,17 @@ def train_expression_encoder(clips, val_clips, params: Params, device, rng, show
     enc.input_scale.fill_(float(data.std().clamp(min=1e-6)))
     opt = torch.optim.AdamW(enc.parameters(), lr=m.motion_encoder_lr, weight_decay=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
-    losses = []
     scale = enc.input_scale
-    for _ in tqdm(range(m.motion_encoder_steps), desc="motion_encoders: expression (DAE)", disable=not show):
+    loop = StepLoop(enc.parameters(), opt, m.motion_encoder_steps, desc="motion_encoders: expression (DAE)",
+                    progress=show)
+    for _ in loop:
         idx = torch.randint(0, data.shape[0], (4 * m.motion_encoder_batch_size,), generator=gen).to(device)
         x = data[idx]
         noisy = x + NOISE_SIGMA * scale * torch.randn(x.shape, generator=gen).to(device)
         keep = (torch.rand(x.shape[0], x.shape[1] // 2, generator=gen) >= P_DROP_POINT).to(device)
         noisy = noisy * keep.repeat_interleave(2, dim=1)  # a dropped point reads as neutral (offset 0)
-        loss = F.mse_loss(enc(noisy)[1] / scale, x / scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        loop.step(F.mse_loss(enc(noisy)[1] / scale, x / scale))
+    losses = loop.losses
     enc.eval()
     val = torch.cat([c.offsets for c in val_clips]).to(device) if val_clips else None
     metrics = {

@@ -1,4 +1,4 @@
-"""Train the small SyncNet on face-filtered clips: in-sync vs randomly shifted audio (DECISIONS #22).
+"""Train the small SyncNet on face-filtered clips: in-sync vs randomly shifted audio (decisions.md #22).
 
 Objective (Chung & Zisserman 2017, Eq. 1, contrastive loss on the embedding distance): for pairs of a
 5-frame mouth window ``v`` and a 0.2 s MFCC window ``a`` with label ``y`` (1 in sync, 0 shifted),
@@ -33,14 +33,16 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mcdm.config import Params, SyncNetParams
-from mcdm.media.io import AUDIO_RATE, MediaError, read_audio, read_frames
 from mcdm.data.parallel import Crashed, map_videos
-from mcdm.data.rejects import read_table, write_csv, write_json
+from mcdm.data.sync_filter import read_sync_clip
 from mcdm.errors import McdmError
-from mcdm.models.sync.scoring import SYNC_FPS, embed_clip, mouth_crops, sync_scores, video_windows
+from mcdm.media.files import read_table, write_csv, write_json
+from mcdm.media.io import AUDIO_RATE, MediaError, read_audio, read_frames
 from mcdm.models.sync.mfcc import mfcc, mfcc_windows, n_windows
 from mcdm.models.sync.offset import av_offset
+from mcdm.models.sync.scoring import SYNC_FPS, embed_clip, mouth_crops, sync_scores, video_windows
 from mcdm.models.sync.syncnet import SyncNet, load_syncnet
+from mcdm.train.steps import StepLoop
 
 
 @dataclass
@@ -226,29 +228,23 @@ def train_syncnet(model: SyncNet, clips: Sequence[SyncClip], params: SyncNetPara
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=params.train_steps, pct_start=0.1)
     started = time.perf_counter()
-    losses: list[float] = []
     model.train()
-    bar = tqdm(range(params.train_steps), desc="syncnet_train", unit="step", dynamic_ncols=True)
-    for step in bar:
+    loop = StepLoop(model.parameters(), opt, params.train_steps, scheduler=sched, desc="syncnet_train")
+    for step in loop:
         video, audio = sample_pairs(train, params.batch_size, params.min_shift, params.max_offset, rng)
         dist = pair_distances(model, video, audio)  # (2, B): in sync, shifted
-        loss = contrastive_loss(dist, torch.tensor([[1.0], [0.0]], device=dist.device), params.margin)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 20 == 0 or step == params.train_steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        loop.step(contrastive_loss(dist, torch.tensor([[1.0], [0.0]], device=dist.device), params.margin))
+        if (step - 1) % 20 == 0 or step == params.train_steps:
+            loop.show(loss=f"{loop.mean_loss(20):.4f}")
             if log is not None:
-                log(step, float(np.mean(losses[-20:])))
+                log(step - 1, loop.mean_loss(20))
     train_seconds = time.perf_counter() - started
     model.eval()
     metrics = {
         "backend": "syncnet_trained",
         "steps": params.train_steps,
         "train_seconds": train_seconds,
-        "final_loss": float(np.mean(losses[-20:])),
+        "final_loss": loop.mean_loss(20),
         "train_clips": len(train),
         "train_windows": int(sum(c.n_windows for c in train)),
         "heldout_clips": len(held),
@@ -304,7 +300,7 @@ def run_syncnet_train(clips_path: str | os.PathLike, out_dir: str | os.PathLike,
         rows, skipped = [], []
         for row in tqdm(clips.to_dict("records"), desc="syncnet (official) check", unit="clip"):
             try:
-                res = sync_scores(row["crop_path"], landmarks=None, model=model, max_offset=sp.max_offset)
+                res = sync_scores(*read_sync_clip(row["crop_path"]), model=model, max_offset=sp.max_offset)
             except (MediaError, ValueError) as err:
                 skipped.append((row["clip_id"], str(err)))
                 continue

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import save_file
 
 from mcdm.config import Params
-from mcdm.models.encoders import (
-    CANONICAL_68, ExpressionEncoder, HeadPoseEncoder, LipAudioEncoder, LipEncoder, MotionEncoders,
-    expression_offsets, head_pose_from_landmarks,
-)
-from mcdm.train.stages import StageInputs
+from mcdm.face.geometry import CANONICAL_68, expression_offsets, head_pose_from_landmarks
+from mcdm.models.motion_encoders import ExpressionEncoder, HeadPoseEncoder, LipAudioEncoder, LipEncoder, MotionEncoders
+from mcdm.models.schedulers import make_scheduler
+from mcdm.train.builders import tiny_unet_config, tiny_vae_config
+from mcdm.train.stages.inputs import StageInputs
 
 #: the latent channels of SD-1.5's VAE (and of ours)
 LATENT_CHANNELS = 4
@@ -78,8 +78,6 @@ def write_base(folder: str | Path, params: Params, *, res: int = 32, latent: int
     layout: plumbing only."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from mcdm.train.base_models.unet import make_scheduler, tiny_unet_config
-    from mcdm.train.base_models.vae import tiny_vae_config
 
     folder = Path(folder)
     torch.manual_seed(0)

@@ -30,14 +30,22 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import SampleParams
-from mcdm.media.io import write_video
+from mcdm.data.parallel import Crashed, map_videos
 from mcdm.data.sample import defects as D
 from mcdm.data.sample.animate import FaceRig
 from mcdm.data.sample.motion import MotionTrack, make_track
 from mcdm.data.sample.portraits import RECIPES, Portrait, build_identities
-from mcdm.data.sample.speech import (AUDIO_RATE, LANGUAGES, VOICE_VARIANTS, Speech, SpeechRequest, mouth_opening,
-                                     synthesize_fresh)
+from mcdm.data.sample.speech import (
+    AUDIO_RATE,
+    LANGUAGES,
+    VOICE_VARIANTS,
+    Speech,
+    SpeechRequest,
+    mouth_opening,
+    synthesize_fresh,
+)
 from mcdm.errors import McdmError
+from mcdm.media.io import write_video
 
 MANIFEST_COLUMNS = ["file", "video_id", "identity", "language", "text", "duration", "fps", "n_frames", "kind",
                     "defects", "scene_cuts", "no_face_start", "no_face_end", "audio_shift_s", "long_term", "seed"]
@@ -277,8 +285,6 @@ def generate_sample(out_dir: str | os.PathLike, sample: SampleParams, workers: i
     rendered in parallel with :func:`mcdm.data.parallel.map_videos` (a Dask LocalCluster of
     ``workers`` processes, or the scheduler at ``dask_address``), longest first.
     """
-    from mcdm.data.parallel import Crashed, map_videos
-
     out_dir = Path(out_dir)
     specs = plan_videos(sample)
     portraits = build_identities(sample.size, list(RECIPES)[: sample.n_identities])

@@ -2,7 +2,7 @@
 
 One function serves the ``sync_filter`` data stage and the Sync-C / Sync-D metrics of evaluation:
 
-    scores = sync_scores(crop_mp4_or_frames, audio=None, landmarks=None, model=load_syncnet(path))
+    scores = sync_scores(frames, audio, landmarks, model=load_syncnet(path))   # arrays: frames at 25 fps, 16 kHz audio
     # {"av_offset": -8, "sync_conf": 0.61, "sync_dist": 0.72, "n_windows": 196, "sync_backend": ...}
 
 Steps: (1) frames -> the network's video input (grayscale mouth crops for the SyncNet trained here,
@@ -11,14 +11,10 @@ Steps: (1) frames -> the network's video input (grayscale mouth crops for the Sy
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import cv2
 import numpy as np
 import torch
 
-from mcdm.media.io import AUDIO_RATE, read_audio, read_frames
 from mcdm.models.sync.mfcc import WINDOW_FRAMES, mfcc, mfcc_windows, n_windows
 from mcdm.models.sync.offset import OffsetResult, av_offset
 from mcdm.models.sync.syncnet import OfficialSyncNet, SyncNet
@@ -122,43 +118,31 @@ def embed_clip(model: SyncNet | OfficialSyncNet, per_frame: np.ndarray, cep: np.
     return torch.cat(video), torch.cat(audio)
 
 
-def _load_inputs(frames_or_crop_path, audio, landmarks):
-    if isinstance(frames_or_crop_path, (str, os.PathLike)):
-        path = Path(frames_or_crop_path)
-        frames = read_frames(path, fps=SYNC_FPS)
-        if audio is None:
-            audio = read_audio(path, rate=AUDIO_RATE)
-    else:
-        frames = np.asarray(frames_or_crop_path)
-        if audio is None:
-            raise ValueError("sync_scores: audio is required when frames are given as an array")
-    if isinstance(audio, (str, os.PathLike)):
-        audio = read_audio(audio, rate=AUDIO_RATE)
-    if isinstance(landmarks, (str, os.PathLike)):
-        with np.load(landmarks) as npz:
-            landmarks = npz["landmarks"]
+def _check_inputs(frames: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"sync_scores: frames must be (T, H, W, 3) RGB; got {frames.shape}")
-    return frames, np.asarray(audio, np.float32).reshape(-1), landmarks
+    return frames, np.asarray(audio, np.float32).reshape(-1)
 
 
-def sync_result(frames_or_crop_path, audio=None, landmarks=None, *, model: SyncNet | OfficialSyncNet,
+def sync_result(frames: np.ndarray, audio: np.ndarray, landmarks: np.ndarray | None = None, *,
+                model: SyncNet | OfficialSyncNet,
                 max_offset: int = 15) -> OffsetResult:
     """The full offset search of one clip (per-shift and per-window distances included).
 
-    ``frames_or_crop_path``: a 25 fps mp4 (its muxed audio is used when ``audio`` is None) or
-    ``(T, H, W, 3)`` RGB uint8 frames at 25 fps; ``audio``: 16 kHz mono float array or a media path;
-    ``landmarks``: ``(T, 68, 2)`` crop-pixel landmarks, a landmarks ``.npz``, or None.
+    ``frames``: ``(T, H, W, 3)`` RGB uint8 at 25 fps; ``audio``: 16 kHz mono float samples;
+    ``landmarks``: ``(T, 68, 2)`` crop-pixel landmarks, or None (the lower half of the crop).
     """
-    frames, audio, landmarks = _load_inputs(frames_or_crop_path, audio, landmarks)
+    frames, audio = _check_inputs(frames, audio)
     video_emb, audio_emb = embed_clip(model, video_input(model, frames, landmarks), audio_features(model, audio))
     return av_offset(video_emb, audio_emb, max_offset=max_offset)
 
 
-def sync_scores(frames_or_crop_path, audio=None, landmarks=None, *, model: SyncNet | OfficialSyncNet,
+def sync_scores(frames: np.ndarray, audio: np.ndarray, landmarks: np.ndarray | None = None, *,
+                model: SyncNet | OfficialSyncNet,
                 max_offset: int = 15) -> dict:
     """``{"av_offset", "sync_conf" (Sync-C), "sync_dist" (Sync-D), "n_windows", "sync_backend"}``."""
-    result = sync_result(frames_or_crop_path, audio, landmarks, model=model, max_offset=max_offset)
+    result = sync_result(frames, audio, landmarks, model=model, max_offset=max_offset)
     return {
         "av_offset": result.offset,
         "sync_conf": result.conf,

@@ -1,4 +1,4 @@
-"""The training frames the base models are pretrained on (DECISIONS #1: training split only).
+"""The training frames the base models are pretrained on (decisions.md #1: training split only).
 
 Frames come from the square talking-head crops (``crop_path``) of ``data/split/train.parquet``,
 evenly spaced within each clip so that at most ``max_frames`` are read in all. Whole clips are held
@@ -14,7 +14,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mcdm.data.rejects import reject_row
 from mcdm.errors import McdmError
+from mcdm.media.io import MediaError, read_frames
 
 
 @dataclass
@@ -42,8 +44,6 @@ def _evenly(n: int, k: int) -> np.ndarray:
 
 def read_clip_frames(path: str, fps: float, resolution: int, keep: int | None = None) -> np.ndarray:
     """Frames of one crop clip, at most ``keep`` of them evenly spaced; checks the crop size."""
-    from mcdm.media.io import read_frames
-
     frames = read_frames(path, fps=fps)
     if frames.shape[1:3] != (resolution, resolution):
         raise McdmError(f"{path}: crop is {frames.shape[2]}x{frames.shape[1]}, expected data.resolution={resolution}")
@@ -59,9 +59,6 @@ def load_training_frames(
     seed: int = 0,
 ) -> TrainingFrames:
     """Read the training crops once; split whole clips into fit / held-out (deterministic in ``seed``)."""
-    from mcdm.media.io import MediaError
-    from mcdm.data.rejects import reject_row
-
     if train.empty:
         raise McdmError("base_models: the training table holds no clips")
     per_clip = max(2, math.ceil(max_frames / len(train)))

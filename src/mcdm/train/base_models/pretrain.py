@@ -1,6 +1,6 @@
 """The ``base_models`` stage: load paper-scale weights from local folders, or pretrain tiny ones.
 
-In order (DECISIONS #1, #2), on the TRAINING split only:
+In order (decisions.md #1, #2), on the TRAINING split only:
 
 1. VAE: ``base_models.vae_path`` (SD-1.5's, diffusers format), else the tiny AutoencoderKL trained
    until its held-out PSNR passes ``vae_psnr_threshold`` (:mod:`mcdm.train.base_models.vae`);
@@ -11,7 +11,7 @@ In order (DECISIONS #1, #2), on the TRAINING split only:
    ``logmel`` / ``dlib+vae`` (no weights of their own); written to ``encoders.json``.
 
 Everything is written with ``save_pretrained`` into a temporary folder renamed to ``out_dir`` at the
-end (a killed run leaves no half-written output); the layout is described in :mod:`mcdm.pipelines.base_loading`.
+end (a killed run leaves no half-written output); the layout is described in :mod:`mcdm.media.layout`.
 A VAE below its PSNR threshold stops the stage with one line; its metrics and reconstruction grid are
 kept in ``<out_dir>.failed/`` to look at.
 """
@@ -25,9 +25,18 @@ from pathlib import Path
 
 import torch
 
-from mcdm.pipelines import base_loading as loading
 from mcdm.config import Params
 from mcdm.errors import McdmError
+from mcdm.media import layout
+from mcdm.media.files import read_table
+from mcdm.models.audio_features import LogMelAudio, Wav2Vec2Audio
+from mcdm.models.identity import ClipIdentity
+from mcdm.models.loading import load_strict
+from mcdm.models.schedulers import make_scheduler
+from mcdm.models.vae import encode_latents, psnr, reconstruct, vae_downsample
+from mcdm.train.base_models.frames import load_training_frames
+from mcdm.train.base_models.unet import train_unet
+from mcdm.train.base_models.vae import save_recon_grid, train_vae
 
 PREPROCESSOR = "preprocessor_config.json"
 
@@ -49,8 +58,6 @@ def _save_transformers(model, src: str | Path, dest: Path) -> None:
 
 
 def _load_given(cls, path: str, key: str):
-    from mcdm.models.encoders import load_strict
-
     if not Path(path).is_dir():
         raise McdmError(f"base_models.{key}: {path} is not a folder")
     return load_strict(cls, path)
@@ -58,8 +65,6 @@ def _load_given(cls, path: str, key: str):
 
 def _vae_step(params: Params, frames, tmp: Path, device, progress: bool):
     """``(vae, metrics, report)``; ``report`` (the PSNR gate) is None for given weights."""
-    from mcdm.train.base_models.vae import psnr, reconstruct, save_recon_grid, train_vae, vae_downsample
-
     bm, res = params.base_models, params.data.resolution
     report = None
     if bm.vae_path:
@@ -78,7 +83,7 @@ def _vae_step(params: Params, frames, tmp: Path, device, progress: bool):
     metrics.update(scaling_factor=float(vae.config.scaling_factor), latent_channels=int(vae.config.latent_channels),
                    latent_size=res // vae_downsample(vae), heldout_clips=frames.heldout.clip_ids,
                    fit_frames=len(frames.fit), heldout_frames=len(frames.heldout))
-    vae.save_pretrained(tmp / loading.VAE)
+    vae.save_pretrained(tmp / layout.VAE)
     _write_json(metrics, tmp / "vae_metrics.json")
     save_recon_grid(vae, frames.heldout.frames, tmp / "vae_recon.png", scale=max(1, 192 // res))
     return vae, metrics, report
@@ -86,7 +91,7 @@ def _vae_step(params: Params, frames, tmp: Path, device, progress: bool):
 
 def check_unet_fits(unet, vae, params: Params) -> None:
     """The UNet must take the VAE's latents, and its cross-attention (attn2, which initialises the
-    archived-clip reference attention, DECISIONS #5) must take motion-prior tokens of width prior_dim."""
+    archived-clip reference attention, decisions.md #5) must take motion-prior tokens of width prior_dim."""
     if int(unet.config.in_channels) != int(vae.config.latent_channels):
         raise McdmError(f"base_models.unet_path: the UNet takes {unet.config.in_channels} channels but the VAE "
                         f"makes {vae.config.latent_channels}-channel latents")
@@ -96,9 +101,6 @@ def check_unet_fits(unet, vae, params: Params) -> None:
 
 
 def _unet_step(params: Params, vae, frames, tmp: Path, device, progress: bool) -> dict:
-    from mcdm.train.base_models.unet import make_scheduler, train_unet
-    from mcdm.train.base_models.vae import encode_latents
-
     bm = params.base_models
     if bm.unet_path:
         from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -107,8 +109,8 @@ def _unet_step(params: Params, vae, frames, tmp: Path, device, progress: bool) -
         check_unet_fits(unet, vae, params)
         sched_dir = Path(bm.unet_path).parent / "scheduler"
         scheduler = DDPMScheduler.from_pretrained(sched_dir) if (sched_dir / "scheduler_config.json").exists() else make_scheduler()
-        unet.save_pretrained(tmp / loading.UNET)
-        scheduler.save_pretrained(tmp / loading.SCHEDULER)
+        unet.save_pretrained(tmp / layout.UNET)
+        scheduler.save_pretrained(tmp / layout.SCHEDULER)
         return {"source": bm.unet_path}
     fit = encode_latents(vae, frames.fit.frames)
     held = encode_latents(vae, frames.heldout.frames)
@@ -116,29 +118,27 @@ def _unet_step(params: Params, vae, frames, tmp: Path, device, progress: bool) -
         fit, frames.fit.clip_index, held, frames.heldout.clip_index, bm, params.model,
         seed=params.seed, device=device, progress=progress,
     )
-    unet.save_pretrained(tmp / loading.UNET)
-    ref_tokens.save_pretrained(tmp / loading.REF_TOKENS)
-    scheduler.save_pretrained(tmp / loading.SCHEDULER)
+    unet.save_pretrained(tmp / layout.UNET)
+    ref_tokens.save_pretrained(tmp / layout.REF_TOKENS)
+    scheduler.save_pretrained(tmp / layout.SCHEDULER)
     metrics = {"source": "trained", **report.to_dict()}
     _write_json(metrics, tmp / "unet_metrics.json")
     return metrics
 
 
 def _encoders_step(params: Params, vae, tmp: Path) -> dict:
-    from mcdm.models import encoders
-
     bm = params.base_models
     if bm.wav2vec2_path:
-        audio = encoders.Wav2Vec2Audio(bm.wav2vec2_path)
-        _save_transformers(audio.model, bm.wav2vec2_path, tmp / loading.AUDIO_ENCODER)
+        audio = Wav2Vec2Audio.from_folder(bm.wav2vec2_path)
+        _save_transformers(audio.model, bm.wav2vec2_path, tmp / layout.AUDIO_ENCODER)
         audio_entry = {"backend": audio.name, "dim": audio.dim, "source": bm.wav2vec2_path}
     else:
-        audio = encoders.LogMelAudio()
+        audio = LogMelAudio()
         audio_entry = {"backend": audio.name, "dim": audio.dim, "source": None,
                        "note": "fallback (no base_models.wav2vec2_path): 80-bin log-mel averaged per video frame"}
     if bm.clip_path:
-        image = encoders.ClipIdentity(bm.clip_path)
-        _save_transformers(image.model, bm.clip_path, tmp / loading.IMAGE_ENCODER)
+        image = ClipIdentity.from_folder(bm.clip_path)
+        _save_transformers(image.model, bm.clip_path, tmp / layout.IMAGE_ENCODER)
         image_entry = {"backend": image.name, "dim": image.dim, "source": bm.clip_path}
     else:
         image_entry = {"backend": "dlib+vae", "dim": 128 + 4 * int(vae.config.latent_channels), "source": None,
@@ -155,9 +155,6 @@ def _replace_dir(src: Path, dest: Path) -> None:
 def build_base_models(train_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params,
                       progress: bool = True) -> dict:
     """Run the stage; returns the content of ``encoders.json`` (with the VAE / UNet entries)."""
-    from mcdm.train.base_models.frames import load_training_frames
-    from mcdm.data.rejects import read_table
-
     started = time.perf_counter()
     torch.set_num_threads(params.base_models.threads)
     device = pick_device()
@@ -182,10 +179,10 @@ def build_base_models(train_path: str | os.PathLike, out_dir: str | os.PathLike,
     manifest["vae"] = {"source": vae_metrics["source"], "scaling_factor": vae_metrics["scaling_factor"],
                        "latent_channels": vae_metrics["latent_channels"], "latent_size": vae_metrics["latent_size"],
                        "psnr_heldout": vae_metrics["psnr_heldout"]}
-    manifest["unet"] = {"source": unet_metrics["source"], "ref_tokens": (tmp / loading.REF_TOKENS).is_dir()}
+    manifest["unet"] = {"source": unet_metrics["source"], "ref_tokens": (tmp / layout.REF_TOKENS).is_dir()}
     manifest["resolution"] = params.data.resolution
     manifest["rejects"] = frames.rejects
     manifest["seconds"] = round(time.perf_counter() - started, 1)
-    _write_json(manifest, tmp / loading.ENCODERS_JSON)
+    _write_json(manifest, tmp / layout.ENCODERS_JSON)
     _replace_dir(tmp, out_dir)
     return manifest

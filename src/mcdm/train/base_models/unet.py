@@ -1,4 +1,4 @@
-"""The tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser (DECISIONS #1).
+"""The tiny SD-shaped UNet, pretrained as a reference-conditioned image denoiser (decisions.md #1).
 
 It stands in for SD-1.5's UNet at the embedded scale, so that the MCDM stages start from a backbone
 that already denoises faces. Same block layout as SD-1.5 (``CrossAttnDownBlock2D`` ... ``DownBlock2D``,
@@ -12,61 +12,21 @@ with SD-1.5's noise schedule:
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mcdm.config import BaseModelsParams, ModelParams
 from mcdm.errors import McdmError
 from mcdm.models.diffusion_objective import denoising_mse, training_target
+from mcdm.models.reference_tokens import ReferenceTokens
+from mcdm.models.schedulers import make_scheduler
+from mcdm.train.builders import tiny_unet_config
+from mcdm.train.steps import StepLoop
 
-# SD-1.5's scheduler_config.json (the DDPM training schedule its UNet was trained with)
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 EVAL_TIMESTEPS = (50, 250, 500, 750, 950)
-
-
-def make_scheduler(prediction_type: str = "epsilon"):
-    """SD-1.5's DDPM training schedule, predicting ``prediction_type`` (SD-1.5: epsilon)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(**{**SD15_SCHEDULER, "prediction_type": prediction_type})
-
-
-def _norm_groups(widths: list[int]) -> int:
-    """SD's 32 GroupNorm groups when every width allows it, else the largest common divisor <= 32."""
-    g = math.gcd(*widths)
-    return max(d for d in range(1, min(32, g) + 1) if g % d == 0)
-
-
-def tiny_unet_config(model: ModelParams, sample_size: int, latent_channels: int = 4) -> dict:
-    """UNet2DConditionModel keyword arguments in SD-1.5's layout, at ``model``'s widths."""
-    widths = list(model.block_out_channels)
-    n = len(widths)
-    return dict(
-        sample_size=sample_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
-        block_out_channels=widths,
-        layers_per_block=model.layers_per_block,
-        attention_head_dim=model.attention_head_dim,
-        cross_attention_dim=model.prior_dim,
-        norm_num_groups=_norm_groups(widths),
-    )
 
 
 def _reference_indices(clip_index: np.ndarray, rng: np.random.Generator, targets: np.ndarray) -> np.ndarray:
@@ -137,7 +97,6 @@ def train_unet(
     """Pretrain ``(unet, ref_tokens)`` on scaled VAE latents; returns ``(unet, ref_tokens, scheduler, UnetReport)``."""
     from diffusers import UNet2DConditionModel
 
-    from mcdm.models.reference_tokens import ReferenceTokens
 
     if len(fit_latents) == 0:
         raise McdmError("base_models: no training latents for the UNet pretraining")
@@ -154,7 +113,7 @@ def train_unet(
 
     # fixed held-out evaluation set: right reference (same clip) and wrong reference (another clip's frame)
     pick = np.linspace(0, len(heldout_latents) - 1, min(max_heldout, len(heldout_latents))).astype(int)
-    held, held_clip = heldout_latents[pick], heldout_clip_index[pick]
+    held = heldout_latents[pick]
     eval_rng = np.random.default_rng(seed + 2)
     held_ref = heldout_latents[_reference_indices(heldout_clip_index, eval_rng, pick)]
     wrong_ref = fit_latents[eval_rng.integers(0, len(fit_latents), len(pick))]
@@ -162,9 +121,10 @@ def train_unet(
 
     history: list[dict] = []
     started = time.perf_counter()
-    bar = tqdm(total=bm.unet_steps, desc="base_models: UNet (reference-conditioned denoiser)", unit="step", disable=not progress)
     running = None
-    for step in range(1, bm.unet_steps + 1):
+    loop = StepLoop(params, opt, bm.unet_steps, clip_grad=1.0, desc="base_models: UNet (reference-conditioned denoiser)",
+                    progress=progress)
+    for step in loop:
         unet.train()
         ref_tokens.train()
         idx = rng.integers(0, len(fit_latents), bm.unet_batch_size)
@@ -177,18 +137,11 @@ def train_unet(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(z0),), device=device)
         # L = w_t |y_t - f_theta(z_t, t, tok(z_ref))|^2
         pred = unet(scheduler.add_noise(z0, eps, t), t, encoder_hidden_states=ref_tokens(ref)).sample
-        loss = denoising_mse(scheduler, pred, z0, eps, t, min_snr_gamma=bm.min_snr_gamma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        value = float(loss.detach())
+        value = loop.step(denoising_mse(scheduler, pred, z0, eps, t, min_snr_gamma=bm.min_snr_gamma))
         running = value if running is None else 0.98 * running + 0.02 * value
-        bar.update(1)
         if step % 50 == 0 or step == bm.unet_steps:
-            bar.set_postfix(loss=f"{running:.4f}")
+            loop.show(loss=f"{running:.4f}")
             history.append({"step": step, "loss": round(running, 5)})
-    bar.close()
     final = heldout_loss(unet, ref_tokens, scheduler, held, held_ref, seed)
     wrong = heldout_loss(unet, ref_tokens, scheduler, held, wrong_ref, seed)
     report = UnetReport(

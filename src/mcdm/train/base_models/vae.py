@@ -1,4 +1,4 @@
-"""The tiny VAE: diffusers ``AutoencoderKL`` trained on the training frames (DECISIONS #1).
+"""The tiny VAE: diffusers ``AutoencoderKL`` trained on the training frames (decisions.md #1).
 
 It stands in for SD-1.5's VAE at the embedded scale: RGB ``(3, S, S)`` -> latent ``(4, S/8, S/8)``.
 A random decoder renders nothing, so it is trained until its reconstruction PSNR on held-out clips
@@ -21,54 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from einops import rearrange
-from tqdm.auto import tqdm
 
 from mcdm.config import BaseModelsParams
 from mcdm.errors import McdmError
-
-
-def tiny_vae_config(bm: BaseModelsParams, resolution: int) -> dict:
-    """AutoencoderKL keyword arguments: ``len(widths)`` blocks, so ``2^(n-1)`` downsampling."""
-    widths = list(bm.vae_block_out_channels)
-    bad = [w for w in widths if w % bm.vae_norm_num_groups]
-    if bad:
-        raise McdmError(f"base_models.vae_norm_num_groups={bm.vae_norm_num_groups} does not divide the widths {bad}")
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(widths),
-        up_block_types=["UpDecoderBlock2D"] * len(widths),
-        block_out_channels=widths,
-        layers_per_block=bm.vae_layers_per_block,
-        latent_channels=bm.vae_latent_channels,
-        norm_num_groups=bm.vae_norm_num_groups,
-        sample_size=resolution,
-        scaling_factor=1.0,  # set from the training latents after training
-    )
-
-
-def vae_downsample(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-# ------------------------------------------------------------------------------------- tensors
-def to_model_range(frames_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(frames_uint8))
-    return rearrange(x, "n h w c -> n c h w").float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(x, "n c h w -> n h w c").cpu().numpy()
-
-
-def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
-    """PSNR in dB of uint8 images over the whole set: 10 log10(255^2 / MSE) (MSE pooled over all pixels)."""
-    mse = np.mean((reference.astype(np.float64) - reconstruction.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10.0 * math.log10(255.0**2 / mse))
+from mcdm.models.vae import latent_scaling_factor, psnr, reconstruct, to_model_range
+from mcdm.train.builders import tiny_vae_config
+from mcdm.train.steps import StepLoop
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,39 +42,6 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor, bm: BaseMod
     kl_px = kl.mean() / x[0].numel()  # per pixel, like the reconstruction terms
     total = l1 + l2 + bm.vae_edge_weight * edge + bm.vae_kl_weight * kl_px
     return {"loss": total, "l1": l1, "l2": l2, "edge": edge, "kl": kl_px}
-
-
-# ----------------------------------------------------------------------------------- inference
-@torch.no_grad()
-def encode_latents(vae, frames_uint8: np.ndarray, batch: int = 64, scaled: bool = True) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, C, h, w) posterior means, times ``scaling_factor`` when ``scaled``."""
-    device, dtype = vae.device, vae.dtype
-    out = []
-    for i in range(0, len(frames_uint8), batch):
-        x = to_model_range(frames_uint8[i : i + batch]).to(device, dtype)
-        out.append(vae.encode(x).latent_dist.mean.float().cpu())
-    z = torch.cat(out) if out else torch.zeros(0)
-    if scaled:
-        shift = vae.config.get("shift_factor") or 0.0
-        z = (z - shift) * float(vae.config.scaling_factor)
-    return z
-
-
-@torch.no_grad()
-def reconstruct(vae, frames_uint8: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Encode (posterior mean) and decode: the deterministic reconstruction the PSNR is measured on."""
-    device, dtype = vae.device, vae.dtype
-    out = []
-    for i in range(0, len(frames_uint8), batch):
-        x = to_model_range(frames_uint8[i : i + batch]).to(device, dtype)
-        out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
-    return np.concatenate(out)
-
-
-def latent_scaling_factor(vae, frames_uint8: np.ndarray) -> float:
-    """SD's convention: 1 / std of the (unscaled) training latents."""
-    z = encode_latents(vae, frames_uint8, scaled=False)
-    return float(1.0 / z.std().clamp(min=1e-6))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -206,8 +131,9 @@ def train_vae(
     started = time.perf_counter()
     best = -float("inf")
     step = 0
-    bar = tqdm(total=bm.vae_steps, desc="base_models: tiny VAE", unit="step", disable=not progress)
-    for step in range(1, bm.vae_steps + 1):
+    loop = StepLoop(vae.parameters(), opt, bm.vae_steps, scheduler=sched, clip_grad=1.0,
+                    desc="base_models: tiny VAE", progress=progress)
+    for step in loop:
         vae.train()
         idx = rng.integers(0, len(fit), bm.batch_size)
         x = to_model_range(fit[idx]).to(device)
@@ -215,22 +141,15 @@ def train_vae(
             x = x.flip(-1)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        losses = vae_loss(x, recon, posterior.kl(), bm)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.update(1)
+        loss = loop.step(vae_loss(x, recon, posterior.kl(), bm)["loss"])
         if step % bm.vae_eval_every == 0 or step == bm.vae_steps:
             vae.eval()
             value = psnr(held, reconstruct(vae, held))
             best = max(best, value)
-            history.append({"step": step, "psnr": round(value, 3), "loss": round(float(losses["loss"].detach()), 5)})
-            bar.set_postfix(psnr=f"{value:.2f}/{bm.vae_psnr_threshold:g} dB", loss=f"{float(losses['loss'].detach()):.4f}")
+            history.append({"step": step, "psnr": round(value, 3), "loss": round(loss, 5)})
+            loop.show(psnr=f"{value:.2f}/{bm.vae_psnr_threshold:g} dB", loss=f"{loss:.4f}")
             if value >= bm.vae_psnr_threshold and step >= bm.vae_min_steps:
                 break
-    bar.close()
     vae.eval()
     final = history[-1]["psnr"] if history else psnr(held, reconstruct(vae, held))
     report = VaeReport(psnr=float(final), threshold=bm.vae_psnr_threshold, steps=step,
