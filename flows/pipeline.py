@@ -1,12 +1,18 @@
 """Prefect flows over the DVC pipeline.
 
 Thin by design: every task is one DVC command (`dvc repro <stage>`, `dvc exp run -S ...`), so caching
-and lineage stay DVC's; Prefect adds parameters, schedules, retries (on the registry only), concurrency
-limits and a UI. A failing stage fails its task with the stage's own last lines in the Prefect log,
+and lineage stay DVC's; Prefect adds parameters, schedules, concurrency limits and a UI (no retries:
+a failed stage is rerun by hand, and DVC resumes it). A failing stage fails its task with the stage's own last lines in the Prefect log,
 and a rerun resumes: DVC skips finished stages and training resumes from its checkpoint.
+
+A flow runs in the checkout this file belongs to (``PROJECT_DIR``): there is no parameter that could
+point it at another folder, so a caller of the Prefect API can choose stages and params of this
+project, never which code runs. A served deployment runs the checkout it is served from; a work-pool
+deployment the checkout `flows/deploy.py` deployed.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +22,8 @@ from typing import Optional
 
 import yaml
 from prefect import flow, get_run_logger, task
+
+from mcdm.tracking.runs import end_parent_run, start_parent_run
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 #: the last stage of the main line; train-all runs every non-matrix stage that leads to it
@@ -93,12 +101,6 @@ def apply_profile(profile: str, project_dir: str) -> str:
     return run_command(["mcdm", "params", "apply", profile], Path(project_dir))
 
 
-@task(name="promote-model", retries=3, retry_delay_seconds=10)
-def promote_model(project_dir: str) -> str:
-    """Registry call (network when MLflow is remote): the one flaky part, so the one with retries."""
-    return run_command(["mcdm", "promote"], Path(project_dir))
-
-
 def _overrides(alpha: Optional[float], variant: Optional[str], overrides: Optional[dict[str, str]]) -> dict[str, str]:
     out = dict(overrides or {})
     if alpha is not None:
@@ -108,18 +110,8 @@ def _overrides(alpha: Optional[float], variant: Optional[str], overrides: Option
     return out
 
 
-def _open_parent_run(project_dir: Path, flow_name: str) -> Optional[str]:
-    """An MLflow parent run for this flow execution, when mcdm's tracking module is available."""
-    try:
-        from mcdm.tracking.runs import start_parent_run
-    except ImportError:
-        return None
-    return start_parent_run(project_dir, flow_name)
-
-
 @flow(name="train-all", log_prints=True)
 def train_all(
-    project_dir: str = str(PROJECT_DIR),
     target: str = MAIN_TARGET,
     profile: Optional[str] = None,
     alpha: Optional[float] = None,
@@ -131,29 +123,37 @@ def train_all(
     With ``alpha`` / ``variant`` / ``overrides`` the run is a DVC experiment (`dvc exp run -S ...`),
     so the workspace params stay as they are and `dvc exp show` lists it beside the baseline.
     """
-    root = Path(project_dir)
+    project_dir = str(PROJECT_DIR)
     if profile:
         apply_profile(profile, project_dir)
     sets = _overrides(alpha, variant, overrides)
     if sets:
         dvc_exp_run(target, sets, project_dir)
         return [target]
-    parent = _open_parent_run(root, "train-all")
+    parent = start_parent_run(PROJECT_DIR, "train-all")  # the stages' MLflow runs nest under it
+    status = "FAILED"
     done = []
-    for stage in main_line_stages(root, target):
-        dvc_repro(stage, project_dir, parent)
-        done.append(stage)
+    try:
+        for stage in main_line_stages(PROJECT_DIR, target):
+            dvc_repro(stage, project_dir, parent)
+            done.append(stage)
+        status = "FINISHED"
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        status = "KILLED"
+        raise
+    finally:
+        end_parent_run(parent, status, PROJECT_DIR)  # never left RUNNING once the flow has ended
     return done
 
 
 @flow(name="data-prep", log_prints=True)
-def data_prep(project_dir: str = str(PROJECT_DIR), target: str = "features") -> list[str]:
-    return train_all.fn(project_dir=project_dir, target=target)
+def data_prep(target: str = "features") -> list[str]:
+    return train_all.fn(target=target)
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(project_dir: str = str(PROJECT_DIR)) -> list[str]:
-    dvc_repro("evaluate", project_dir)
+def evaluate() -> list[str]:
+    dvc_repro("evaluate", str(PROJECT_DIR))
     return ["evaluate"]
 
 
@@ -173,12 +173,12 @@ def report_input_stages(project_dir: Path, target: str = MAIN_TARGET, report: st
 
 
 @flow(name="ablations", log_prints=True)
-def ablations(project_dir: str = str(PROJECT_DIR), report: bool = True) -> list[str]:
+def ablations(report: bool = True) -> list[str]:
     """The variant x seed ablations and the alpha sweep: `dvc repro` on the matrix stages of dvc.yaml
     (decisions.md #10), so each member re-runs only the stages its variant changes and takes the rest
     from the main line; then the report's other inputs beyond the main line (open set, token figures)
     and the report stage, which gathers the tables."""
-    root = Path(project_dir)
+    root, project_dir = PROJECT_DIR, str(PROJECT_DIR)
     done = []
     for stage in matrix_stages(root):
         dvc_repro(stage, project_dir)

@@ -166,3 +166,30 @@ def prefect_server(tmp_path_factory):
     finally:
         stop("prefect-server", run_dir)
 
+
+@pytest.fixture(scope="session")
+def prefect_client_env(prefect_server) -> dict[str, str]:
+    """The environment of a client of the session's server (URL, home, and the server's auth string)."""
+    from mcdm.services import prefect_client_env as client_env
+
+    _, home, _, port = prefect_server
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        return tool_env(**client_env(port, ROOT))
+
+
+@pytest.fixture(scope="session")
+def served(prefect_server, prefect_client_env, tmp_path_factory):
+    """`make prefect-up`'s path: the session's server (mcdm.services) and the deployments served by a
+    process started by pid from a copy of the project (a flow runs in the checkout it is served from)."""
+    from mcdm.services import start, stop
+
+    _, home, run_dir, port = prefect_server
+    project = copy_project(tmp_path_factory.mktemp("served") / "proj")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))  # keep the test's server DB out of the repo
+        start("prefect-serve", port, run_dir, project, timeout=180)
+        try:
+            yield project, prefect_client_env
+        finally:
+            stop("prefect-serve", run_dir)

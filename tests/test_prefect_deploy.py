@@ -23,10 +23,9 @@ DEPLOYED = {"train-all/mcdm-test-pool", "data-prep/mcdm-test-pool", "evaluate/mc
 
 
 @pytest.fixture(scope="module")
-def prefect_env(prefect_server):
-    """The session's Prefect server (mcdm.services, as `make prefect-up` starts it) and the env that points at it."""
-    api, home, _, _ = prefect_server
-    return tool_env(PREFECT_API_URL=api, PREFECT_HOME=str(home))
+def prefect_env(prefect_client_env):
+    """The session's Prefect server (mcdm.services, as `make prefect-up` starts it): URL, home and secret."""
+    return prefect_client_env
 
 
 @contextlib.contextmanager

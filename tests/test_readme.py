@@ -140,7 +140,7 @@ def exp_run_reruns_only_what_reads_alpha(out: str, root: Path, env: dict) -> Non
     only train_stage3 and the stages after it that read its model (evaluate, open_set, report), and
     `dvc exp show` lists the experiment with alpha 0.5 and its metrics beside the baseline."""
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"train_stage3", "evaluate", "open_set", "report"}, out[-3000:]
+    assert ran == {"params_check", "train_stage3", "evaluate", "open_set", "report"}, out[-3000:]
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=root, env=env, capture_output=True, text=True,
                            timeout=300)
     assert shown.returncode == 0, shown.stderr[-2000:]

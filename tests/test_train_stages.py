@@ -249,3 +249,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(project
     assert int(match.group(3)) == int(match.group(2)) - 1
     assert [s for s, _, _ in complete_checkpoints(tmp_path / "ck")][-1] == int(match.group(3))
     assert not (tmp_path / "stage2").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_rerunning_a_finished_stage_re_exports_and_exits_0(project, stage1_untrained, tracking, tmp_path, capsys):
+    """A forced `dvc repro -f -s train_stage2`, or a kill after the last checkpoint: the checkpoints hold
+    the final step, so the CLI re-exports the same weights and says so (it used to crash formatting None)."""
+    from safetensors.torch import load_file
+
+    from mcdm.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY_TRAINING))
+    argv = ["--params", str(params), "train", "--stage", "2", "--features", str(project / "data" / "features"),
+            "--motion-encoders", str(project / "models" / "motion_encoders"), "--prev", str(stage1_untrained),
+            "--out", str(tmp_path / "stage2"), "--checkpoints", str(tmp_path / "ck"), "--metrics", str(tmp_path / "m.json")]
+    assert main(argv) == 0
+    first = load_file(tmp_path / "stage2" / "motion_prior" / "diffusion_pytorch_model.safetensors")
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "were done" in out and "re-exported without training" in out, out
+    again = load_file(tmp_path / "stage2" / "motion_prior" / "diffusion_pytorch_model.safetensors")
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from typing import Optional
 
 from mcdm.config import ParamsError, load_params
@@ -67,18 +69,34 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every atomic writer removes its temporary file."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_of(argv)).parse_args(argv)
+    in_main = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         params = load_params(args.params) if args.spec.needs_params else None
         return int(args.spec.run(params, args) or 0)
     except (McdmError, ParamsError) as err:
         print(f"mcdm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"mcdm {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"mcdm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

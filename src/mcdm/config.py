@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -21,7 +22,10 @@ VARIANTS: tuple[str, ...] = ("full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Strict: no type coercion (``seed: '3'`` or ``steps: 2.0`` is an error, an int where a float is
+    wanted is fine), numbers finite (``fps: .inf`` is an error), no unknown key."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class QualityParams(Section):
@@ -86,6 +90,8 @@ class DataParams(Section):
                          "per-video work is single-threaded (sample_data, scenes, faces); quality, sync_filter and features "
                          "run in-process unless dask_address is set (mcdm.data.parallel.stage_workers)")
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler instead of a LocalCluster")
+    item_timeout_seconds: float = Field(
+        900.0, gt=0, description="a video or clip still being processed after this many seconds (a file that blocks its decoder) becomes a `timeout` reject; the stage goes on")
     silence_dbfs: float = Field(-50.0, le=0, description="audio whose 90th-percentile 0.25 s RMS is below this (dBFS) is silent: rejected")
     cut_margin_frames: int = Field(2, ge=0, description="frames dropped on each side of a detected scene cut")
     detect_max_side: int = Field(640, ge=64, description="longest side of the image the face detector sees (larger frames are downscaled)")
@@ -383,6 +389,23 @@ class Params(Section):
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-5`` is a number (YAML 1.1, PyYAML's default,
+    reads it as a string, and the strict schema would refuse it), as other tools (DVC's ``-S``) write it."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """YAML as the params are read everywhere (YAML 1.2 floats)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 class ParamsError(ValueError):
     """Invalid params: ``str(err)`` is one line naming the offending key."""
 
@@ -431,10 +454,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.exists():
         raise ParamsError(f"{path}: file not found (run `mcdm params apply default`)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raise ParamsError(f"{path}: the file is empty (run `mcdm params apply default`)")
+    if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping")
     return validate(raw, str(path))
 
@@ -457,7 +482,7 @@ def with_overrides(params: Params, assignments: list[str], source: str = "--set"
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = read_yaml(value)
     return validate(deep_merge(params.model_dump(mode="json"), overlay), source) if overlay else params
 
 
@@ -468,7 +493,7 @@ def profile_params(profile: str, configs_dir: str | Path = "configs") -> Params:
     base = Params().model_dump(mode="json")
     if profile != "default":
         overlay_path = Path(configs_dir) / f"{profile}.yaml"
-        overlay = yaml.safe_load(overlay_path.read_text()) or {}
+        overlay = read_yaml(overlay_path.read_text()) or {}
         base = deep_merge(base, overlay)
         return validate(base, str(overlay_path))
     return validate(base, "defaults")

@@ -4,6 +4,7 @@ module only when that command runs, so ``mcdm params check`` does not import tor
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -61,6 +62,17 @@ SYNCNET = required("--syncnet", "SyncNet folder for Sync-C / Sync-D (e.g. models
 WORKERS = optional("--workers", "override data.workers for this run", type=int)
 NO_TRACKING = switch("--no-tracking", "do not log to MLflow nor touch the registry")
 QUIET = switch("--quiet", "no progress bars")
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (checked before anything heavy loads)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (got {text})")
+    return value
 
 
 def out(help: str) -> Arg:

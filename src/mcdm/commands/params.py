@@ -7,6 +7,7 @@ import sys
 
 from mcdm.commands.args import Command
 from mcdm.config import PROFILES, apply_profile, dump_params, load_params
+from mcdm.media.files import write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     apply.add_argument("profile", choices=PROFILES)
     apply.add_argument("--out", default=None, help="file to write (default: --params, i.e. params.yaml)")
     actions.add_parser("show", help="print the validated params")
-    actions.add_parser("check", help="validate params.yaml and print its hash")
+    check = actions.add_parser("check", help="validate params.yaml and print its hash")
+    check.add_argument("--record", default=None,
+                       help="also write this marker file (the params_check DVC stage: its content never changes, "
+                            "so a valid edit re-runs only the stages whose params changed)")
 
 
 def run(_, args) -> None:
@@ -27,6 +31,8 @@ def run(_, args) -> None:
         sys.stdout.write(dump_params(load_params(args.params)))
     else:
         params = load_params(args.params)
+        if args.record:
+            write_text(f"{args.params} validated by `mcdm params check`\n", args.record)
         print(f"{args.params}: ok (variant={params.variant}, alpha={params.alpha}, hash {params.hash()})")
 
 

@@ -6,7 +6,7 @@ folders are given with ``--prev`` (repeatable).
 """
 from __future__ import annotations
 
-from mcdm.commands.args import FEATURES, Arg, Command, optional, out, required
+from mcdm.commands.args import FEATURES, Arg, Command, fmt, optional, out, required
 from mcdm.config import with_overrides
 from mcdm.train.stages.inputs import StageInputs
 from mcdm.train.stages.run import run_stage
@@ -17,12 +17,16 @@ def run(params, args) -> None:
     inputs = StageInputs(features=args.features, base=args.base, motion_encoders=args.motion_encoders,
                          prev=tuple(args.prev))
     metrics = run_stage(params, args.stage, inputs, args.out, args.checkpoints, args.metrics, args.loss_csv)
-    if metrics.get("steps"):
-        print(f"wrote {args.out}: stage {args.stage}, {metrics['steps']} steps, loss {metrics['loss_first10']:.4f} "
-              f"(first 10%) -> {metrics['loss_last10']:.4f} (last 10%), {metrics['samples_per_s']:.2f} samples/s, "
-              f"{metrics['wall_s']:.0f} s")
-    else:
+    if not metrics.get("steps"):
         print(f"wrote {args.out}: stage {args.stage} (no training steps for variant {params.variant})")
+        return
+    if not metrics.get("steps_run"):  # the checkpoint already held the last step: re-exported, nothing trained
+        print(f"wrote {args.out}: stage {args.stage}, all {metrics['steps']} steps were done (checkpoint of step "
+              f"{metrics['resumed_from']} in {args.checkpoints}): re-exported without training")
+        return
+    print(f"wrote {args.out}: stage {args.stage}, {metrics['steps']} steps, loss {fmt(metrics['loss_first10'])} "
+          f"(first 10%) -> {fmt(metrics['loss_last10'])} (last 10%), {fmt(metrics['samples_per_s'])} samples/s, "
+          f"{metrics['wall_s']:.0f} s")
 
 
 COMMAND = Command(run, (

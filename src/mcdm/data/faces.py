@@ -207,11 +207,12 @@ def faces(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Par
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     items = clips.to_dict("records")
     results = map_videos(partial(process_clip, params=params, out_dir=str(out_dir)), items, workers,
-                         params.data.dask_address, desc=STAGE, cost=lambda c: float(c["n_frames"]))
+                         params.data.dask_address, desc=STAGE, cost=lambda c: float(c["n_frames"]),
+                         timeout=params.data.item_timeout_seconds)
     kept, rejects = [], []
     for clip, res in zip(items, results):
         if isinstance(res, Crashed):
-            rejects.append(reject_row(clip["file"], STAGE, "crashed", res.reason, clip["clip_id"]))
+            rejects.append(reject_row(clip["file"], STAGE, res.code, res.reason, clip["clip_id"]))
             continue
         kept += res["kept"]
         rejects += res["rejects"]

@@ -206,13 +206,14 @@ def features(split_dir: str | os.PathLike, models_dir: str | os.PathLike, out_di
                      device="cuda" if in_process and torch.cuda.is_available() else "cpu")
     rows = table.to_dict("records")
     results = map_videos(partial(_guarded_clip, job=job), rows, workers=workers, address=address,
-                         desc="features", cost=lambda r: float(r.get("n_frames") or 0))
+                         desc="features", cost=lambda r: float(r.get("n_frames") or 0),
+                         timeout=params.data.item_timeout_seconds)
 
     kept, rejects = [], []
     for row, res in zip(rows, results):
         file = str(row.get("file", row["crop_path"]))
         if isinstance(res, Crashed):
-            rejects.append(reject_row(file, STAGE, "crashed", res.reason, clip_id=row["clip_id"]))
+            rejects.append(reject_row(file, STAGE, res.code, res.reason, clip_id=row["clip_id"]))
         elif "reject" in res:
             rejects.append(reject_row(file, STAGE, res["reject"][0], res["reject"][1], clip_id=row["clip_id"]))
         else:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ def _is_within(path: Path, root: Path) -> bool:
         return False
 
 
+def _file_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
 def list_source(source: str | os.PathLike) -> tuple[list[Candidate], list[dict]]:
     """Walk the source folder (links not followed): the candidate videos and the files rejected
     without opening them."""
@@ -124,6 +134,10 @@ def list_source(source: str | os.PathLike) -> tuple[list[Candidate], list[dict]]
                 if not _is_within(target, root):
                     rejects.append(reject_row(rel, STAGE, "symlink_outside", f"link to {target} outside the source folder"))
                     continue
+            if not p.is_file():  # a FIFO, socket or device named like a video would block its reader forever
+                rejects.append(reject_row(rel, STAGE, "not_regular_file",
+                                          f"{_file_kind(p)}, not a regular file: never opened"))
+                continue
             if p.suffix.lower() not in VIDEO_EXTS and manifest and rel not in manifest:
                 continue  # the dataset's own metadata (truth/, identities/), not an input
             if p.suffix.lower() not in VIDEO_EXTS:
@@ -237,11 +251,11 @@ def ingest(source: str | os.PathLike, out_dir: str | os.PathLike, params: Params
     if not candidates and not rejects:
         raise McdmError(f"{STAGE}: source folder {source} holds no files")
     results = map_videos(partial(check_video, params=params), candidates, workers, params.data.dask_address,
-                         desc=STAGE)
+                         desc=STAGE, timeout=params.data.item_timeout_seconds)
     rows = []
     for cand, res in zip(candidates, results):
         if isinstance(res, Crashed):
-            rejects.append(reject_row(cand.file, STAGE, "crashed", res.reason))
+            rejects.append(reject_row(cand.file, STAGE, res.code, res.reason))
         elif "reject" in res:
             rejects.append(res["reject"])
         else:

@@ -10,12 +10,16 @@ with :func:`stage_workers` deciding between processes and this process:
 
 A tqdm bar counts finished items. One bad item never stops the map: an exception raised by ``fn``
 for one item comes back as a :class:`Crashed` value in that item's slot (with its traceback printed
-to stderr), which the stage records as a reject ``crashed: <error>`` instead of losing the file.
+to stderr), which the stage records as a reject ``crashed: <error>`` instead of losing the file; an
+item still running after ``timeout`` seconds (``data.item_timeout_seconds``: a file that makes a
+decoder block) comes back as ``Crashed(code="timeout")``, recorded as a ``timeout`` reject, and the
+map goes on (the stuck call is left in a daemon thread, which ends with the process).
 """
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -26,18 +30,34 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class Crashed:
-    """``fn`` raised on one item: ``reason`` is ``"<ExceptionType>: <first line>"``."""
+    """``fn`` raised on one item (``reason``: ``"<ExceptionType>: <first line>"``, code ``crashed``) or
+    gave no result within the timeout (code ``timeout``)."""
 
     reason: str
+    code: str = "crashed"
 
 
-def _guarded(fn: Callable[[Any], Any], item: Any) -> Any:
+def _call(fn: Callable[[Any], Any], item: Any) -> Any:
     try:
         return fn(item)
     except Exception as err:  # one bad item must not stop the stage: it becomes a reject row
         traceback.print_exc(file=sys.stderr)
         first = (str(err).splitlines() or [""])[0][:200]
         return Crashed(f"{type(err).__name__}: {first}")
+
+
+def _guarded(fn: Callable[[Any], Any], item: Any, timeout: float | None = None) -> Any:
+    """``fn(item)``, an exception as :class:`Crashed`; with ``timeout``, run in a daemon thread that is
+    abandoned (a blocked C call cannot be interrupted) when it has not returned in time."""
+    if timeout is None:
+        return _call(fn, item)
+    box: list[Any] = []
+    worker = threading.Thread(target=lambda: box.append(_call(fn, item)), name="mcdm-item", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not box:
+        return Crashed(f"no result after {timeout:g} s (data.item_timeout_seconds)", code="timeout")
+    return box[0]
 
 
 def stage_workers(workers: int, address: str | None, multithreaded: bool) -> int:
@@ -61,11 +81,13 @@ def map_videos(
     address: str | None = None,
     desc: str = "videos",
     cost: Callable[[Any], float] | None = None,
+    timeout: float | None = None,
 ) -> list[Any]:
     """``[fn(item) for item in items]`` in parallel, results in input order.
 
     ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one). ``cost``
-    (e.g. an item's duration) submits the most expensive items first so workers finish together.
+    (e.g. an item's duration) submits the most expensive items first so workers finish together;
+    ``timeout``: seconds an item may take before it becomes ``Crashed(code="timeout")``.
     """
     items = list(items)
     if not items:
@@ -75,7 +97,7 @@ def map_videos(
     if workers <= 1 and not address:
         bar = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
         for i in order:
-            results[i] = _guarded(fn, items[i])
+            results[i] = _guarded(fn, items[i], timeout)
             bar.update(1)
         bar.close()
         return results
@@ -97,7 +119,7 @@ def map_videos(
     bar = tqdm(total=len(items), desc=desc, unit="item", dynamic_ncols=True, file=sys.stderr)
     try:
         run = uuid.uuid4().hex[:8]  # keys unique even on a long-lived shared scheduler
-        futures = [client.submit(_guarded, fn, items[i], key=f"{desc}-{run}-{i}") for i in order]
+        futures = [client.submit(_guarded, fn, items[i], timeout, key=f"{desc}-{run}-{i}") for i in order]
         index = {fut.key: i for fut, i in zip(futures, order)}
         for fut in as_completed(futures):
             results[index[fut.key]] = fut.result()

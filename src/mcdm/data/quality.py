@@ -184,11 +184,12 @@ def quality(faces_path: str | os.PathLike, out_dir: str | os.PathLike, params: P
     table = read_table(faces_path, "faces")
     items = table.to_dict("records")
     results = map_videos(partial(check_clip, params=params), items, workers, params.data.dask_address,
-                         desc=STAGE, cost=lambda c: float(c["n_frames"]))
+                         desc=STAGE, cost=lambda c: float(c["n_frames"]),
+                         timeout=params.data.item_timeout_seconds)
     kept, scores, rejects = [], [], []
     for clip, res in zip(items, results):
         if isinstance(res, Crashed):
-            rejects.append(reject_row(clip["file"], STAGE, "crashed", res.reason, clip["clip_id"]))
+            rejects.append(reject_row(clip["file"], STAGE, res.code, res.reason, clip["clip_id"]))
             continue
         if res["measures"] is not None:
             scores.append({"clip_id": clip["clip_id"], "file": clip["file"], "face_px": clip["face_px"],

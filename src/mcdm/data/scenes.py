@@ -201,11 +201,12 @@ def scenes(videos_path: str | os.PathLike, out_dir: str | os.PathLike, params: P
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     items = videos.to_dict("records")
     results = map_videos(partial(split_video, params=params, out_dir=str(out_dir)), items, workers,
-                         params.data.dask_address, desc=STAGE, cost=lambda v: float(v["duration"]))
+                         params.data.dask_address, desc=STAGE, cost=lambda v: float(v["duration"]),
+                         timeout=params.data.item_timeout_seconds)
     clips, cuts, rejects = [], [], []
     for video, res in zip(items, results):
         if isinstance(res, Crashed):
-            rejects.append(reject_row(video["file"], STAGE, "crashed", res.reason))
+            rejects.append(reject_row(video["file"], STAGE, res.code, res.reason))
             continue
         clips += res["clips"]
         cuts += res["cuts"]

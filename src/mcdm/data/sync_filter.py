@@ -90,12 +90,13 @@ def sync_filter(clips: pd.DataFrame, model_path: str | os.PathLike, params: Para
     fn = partial(score_clip, model_path=str(model_path), max_offset=sp.max_offset,
                  threads=1 if (workers > 1 or params.data.dask_address) else 0)
     results = map_videos(fn, rows, workers=workers, address=params.data.dask_address, desc=STAGE,
-                         cost=lambda r: float(r.get("n_frames") or 0))
+                         cost=lambda r: float(r.get("n_frames") or 0),
+                         timeout=params.data.item_timeout_seconds)
     kept, rejects, scored = [], [], []
     for row, res in zip(rows, results):
         file, clip_id = str(row.get("file", row["clip_id"])), str(row["clip_id"])
         if isinstance(res, Crashed):
-            rejects.append(reject_row(file, STAGE, "crashed", res.reason, clip_id))
+            rejects.append(reject_row(file, STAGE, res.code, res.reason, clip_id))
             continue
         if "error" in res:
             code, _, detail = res["error"].partition(": ")

@@ -8,6 +8,7 @@ reject instead of a traceback.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +41,8 @@ class MediaInfo:
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # FFmpeg would block forever on a FIFO's open
+            raise MediaError("not a regular file (a FIFO, socket or device): not opened")
         return av.open(str(path))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as err:  # corrupt, not a media file
         raise MediaError(f"cannot open media: {type(err).__name__}: {str(err).splitlines()[0][:160]}") from err
@@ -153,29 +156,34 @@ def read_audio(path: str | os.PathLike, rate: int = AUDIO_RATE, start: float = 0
                end: float | None = None) -> np.ndarray:
     """Audio as float32 mono at ``rate`` Hz (resampled by FFmpeg's swresample); MediaError if none.
 
-    Works on video containers and on plain audio files (wav, flac, mp3, m4a).
+    Works on video containers and on plain audio files (wav, flac, mp3, m4a). Decoding stops once
+    ``end`` seconds are in hand: the first seconds of an hour-long file cost the first seconds.
     """
+    stop = None if end is None else int(round(end * rate))
     with _open(path) as container:
         if not container.streams.audio:
             raise MediaError("no audio track")
         stream = container.streams.audio[0]
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         chunks: list[np.ndarray] = []
+        decoded = 0
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                    decoded += chunks[-1].size
+                if stop is not None and decoded >= stop:
+                    break
+            else:
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as err:
             if not chunks:
                 raise MediaError(f"audio decode error: {str(err).splitlines()[0][:160]}") from err
     audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if audio.size == 0:
         raise MediaError("empty audio track")
-    s = int(round(start * rate))
-    e = None if end is None else int(round(end * rate))
-    return audio[s:e]
+    return audio[int(round(start * rate)):stop]
 
 
 def write_video(

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from mcdm.face.tracks import (
 )
 from mcdm.media.io import MediaError, iter_frames, read_audio
 
+MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: more than any portrait photo; a larger header is refused before decoding
+
 
 @dataclass
 class PortraitCrop:
@@ -53,27 +56,37 @@ class DrivingTrack:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of an image file; McdmError naming the file when it cannot be read."""
+    """RGB uint8 (H, W, 3) of an image file; McdmError naming the file when it cannot be read. The header
+    is checked before any pixel is decoded: an image over ``MAX_IMAGE_PIXELS`` (a decompression bomb: a
+    few KB claiming 20000 x 20000) is refused."""
     path = Path(path)
     if not path.is_file():
         raise McdmError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise McdmError(f"{path}: the image is {width}x{height} ({width * height / 1e6:.0f} MP), over the "
+                                    f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP a portrait may have")
+                rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
         raise McdmError(f"{path}: cannot read the image ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
     if rgb.ndim != 3 or min(rgb.shape[:2]) < 8:
         raise McdmError(f"{path}: image is too small ({rgb.shape[1]}x{rgb.shape[0]})")
     return np.ascontiguousarray(rgb, dtype=np.uint8)
 
 
-def read_speech(path: str | os.PathLike, rate: int = 16000) -> np.ndarray:
-    """Float32 mono audio at ``rate`` from any audio or video file; McdmError when it does not decode or is empty."""
+def read_speech(path: str | os.PathLike, rate: int = 16000, seconds: float | None = None) -> np.ndarray:
+    """Float32 mono audio at ``rate`` from any audio or video file (only its first ``seconds`` + 1 s are
+    decoded when given); McdmError when it does not decode or is empty."""
     path = Path(path)
     if not path.is_file():
         raise McdmError(f"{path}: no such audio file")
     try:
-        audio = read_audio(path, rate=rate)
+        audio = read_audio(path, rate=rate, end=None if seconds is None else seconds + 1.0)
     except MediaError as err:
         if "empty audio" in str(err):
             raise McdmError(f"{path}: the audio is empty") from None
