@@ -141,8 +141,8 @@ def syncnet_section(syncnet: Optional[dict], source: Optional[str]) -> list[str]
     metric, cross = folds.get("metric") or {}, folds.get("cross_fit") or {}
     other = syncnet.get("cross_fit") or {}
     lines += [f"The SyncNet that measures Sync-C / Sync-D trained on {fmt(syncnet.get('train_clips'))} clips of the "
-              f"training split ({fmt(metric.get('groups'))} identity groups; {fmt(syncnet.get('heldout_clips'))} "
-              "more held out for its accuracy): its training-clip table (`models/syncnet/training_clips.csv`) shares "
+              f"training split ({fmt(syncnet.get('heldout_clips'))} more of it held out for its accuracy; "
+              f"{fmt(metric.get('groups'))} identity groups in all): its training-clip table (`models/syncnet/training_clips.csv`) shares "
               "no clip with the test and open-set tables, and no identity with the regular test clips and the open "
               "set (a long-term test clip's identity can be a training identity, as it is for the generator). "
               f"{fmt(syncnet.get('planted_out_of_sync_in_train'))} planted out-of-sync clips (of "
