@@ -164,7 +164,7 @@ def matrix_stages(project_dir: Path) -> list[str]:
 
 def report_input_stages(project_dir: Path, target: str = MAIN_TARGET, report: str = REPORT_STAGE) -> list[str]:
     """Non-matrix stages of dvc.yaml after the main line's ``target`` and before ``report`` (in file
-    order): what the report reads beyond the main line and the matrix (e.g. open_set, token_figures)."""
+    order): what the report reads beyond the main line and the matrix (open_set, token_figures, claims)."""
     stages = yaml.safe_load((project_dir / "dvc.yaml").read_text())["stages"]
     names = list(stages)
     start = names.index(target) + 1 if target in names else 0
@@ -176,8 +176,8 @@ def report_input_stages(project_dir: Path, target: str = MAIN_TARGET, report: st
 def ablations(report: bool = True) -> list[str]:
     """The variant x seed ablations and the alpha sweep: `dvc repro` on the matrix stages of dvc.yaml
     (decisions.md #10), so each member re-runs only the stages its variant changes and takes the rest
-    from the main line; then the report's other inputs beyond the main line (open set, token figures)
-    and the report stage, which gathers the tables."""
+    from the main line; then the report's other inputs beyond the main line (open set, token figures,
+    the claims answered from the members) and the report stage, which gathers the tables."""
     root, project_dir = PROJECT_DIR, str(PROJECT_DIR)
     done = []
     for stage in matrix_stages(root):

@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hand_made_evaluations import build
 
 from mcdm.config import Params, load_params
-from mcdm.eval import ablation_tables, report
+from mcdm.eval import report
+from mcdm.eval.claims_report import write_claims
+from mcdm.eval.metric_files import HEADLINE
 from mcdm.experiments import ablate
 from mcdm.tracking import runs as tracking
 from mcdm.train.stages.denoiser_stages import SHARED_STAGE1
@@ -51,7 +54,10 @@ def test_member_params_scale_steps_and_set_variant_seed_alpha():
     assert mp.train.stage2.steps == round(Params().train.stage2.steps * 0.25)
     sweep = ablate.member_params(params, "full", 0, 0.9)
     assert sweep.alpha == 0.9  # a sweep member at its own alpha
-    assert sweep.eval.long_term_clips == 0 and mp.eval.long_term_clips == params.eval.long_term_clips  # curves: ablation only
+    # ablation and sweep members alike are measured with ablations.eval over eval, long-term clips included
+    for member in (mp, sweep):
+        assert member.eval.long_term_seconds == params.ablations.eval["long_term_seconds"] >= 30
+        assert member.eval.long_term_clips == params.ablations.eval["long_term_clips"]
     assert params.variant == "full" and params.train.stage1.steps == 10  # the main line's params untouched
 
 
@@ -73,129 +79,88 @@ def test_members_are_never_the_main_line(monkeypatch):
     with tracking.ablation_member("full-s0"):
         assert not tracking.is_main_line(params)  # variant full at the default alpha, but a member
         assert tracking.run_tags(params, "train_stage3")["ablation_member"] == "full-s0"
+        member = tracking.run_name(params, "evaluate")
+    with tracking.ablation_member("alpha-0.1", "sweep"):
+        sweep = tracking.run_name(params, "evaluate")
+        assert tracking.run_tags(params, "x")["member_kind"] == "sweep"
     assert tracking.is_main_line(params) and "ablation_member" not in tracking.run_tags(params, "x")
+    # MLflow's run table tells the three apart by name (a full member trains the main line's variant)
+    main = tracking.run_name(params, "evaluate")
+    assert main == "evaluate [main line: full alpha=0.1 seed=0]"
+    assert member == "evaluate [ablation full-s0: full alpha=0.1 seed=0]"
+    assert sweep == "evaluate [sweep alpha-0.1: full alpha=0.1 seed=0]"
 
 
 # ---------------------------------------------------------------------------------------- report maths
-def test_mean_and_sample_std_over_seeds():
-    mean, std, n = ablation_tables.mean_std([1.0, 2.0, 4.0])
-    assert (mean, n) == (pytest.approx(7 / 3), 3)
-    assert std == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
-    assert ablation_tables.mean_std([5.0]) == (5.0, None, 1)  # one seed: no spread to report
-    assert ablation_tables.mean_std([None, float("nan")]) == (None, None, 0)
-
-
-def test_ordering_line_says_whether_the_papers_order_holds():
-    fid = ablation_tables.METRICS[0]
-    ssim = next(m for m in ablation_tables.METRICS if m.key == "ssim")
-    holds = {"full": 1.0, "wo_mta": 2.0, "wo_fpc": 3.0, "wo_fa": 4.0}
-    assert ablation_tables.ordering(holds, fid)["holds"] is True  # lower FID is better
-    assert ablation_tables.ordering(holds, ssim)["holds"] is False  # higher SSIM is better: reversed
-    assert ablation_tables.ordering({**holds, "wo_mta": 1.0}, fid)["holds"] is False  # a tie is not "better"
-    missing = ablation_tables.ordering({"full": 1.0, "wo_fa": 2.0}, fid)
-    assert missing["holds"] is None and missing["missing"] == ["wo_mta", "wo_fpc"]
-    rows = [{"variant": v, "fid_mean": x} for v, x in {"full": 3.0, "wo_mta": 1.0, "wo_fpc": 2.0, "wo_fa": 4.0}.items()]
-    line = ablation_tables.ordering_line(rows, fid)
-    assert "does not hold" in line and "wo_mta > wo_fpc > full > wo_fa" in line
-    tied = ablation_tables.ordering_line([{"variant": v, "fid_mean": 1.0} for v in ablation_tables.PAPER_ORDER], fid)
-    assert "does not hold" in tied and "full = wo_mta = wo_fpc = wo_fa" in tied
-    for variant, paper in ablation_tables.PAPER_VARIANTS.items():  # the constants are the paper's: its order holds
-        assert set(paper) == {m.key for m in ablation_tables.METRICS}, variant
-    for m in ablation_tables.METRICS:
-        assert ablation_tables.ordering({v: ablation_tables.PAPER_VARIANTS[v][m.key] for v in ablation_tables.PAPER_ORDER}, m)["holds"], m.key
-
-
-def _member(variant: str, seed: int, alpha=None, **values) -> dict:
-    kind = "ablation" if alpha is None else "sweep"
-    name = f"{variant}-s{seed}" if alpha is None else f"alpha-{alpha}"
-    metrics = {m.key: values.get(m.key, 1.0) for m in (*ablation_tables.METRICS, ablation_tables.IDENTITY)}
-    metrics.update({f"{m.key}_backend": f"backend-{m.key}" for m in (*ablation_tables.METRICS, ablation_tables.IDENTITY)})
-    stages = ablate.member_stages(variant, kind)
-    metrics.update({"params_hash": f"hash-{name}", "variant": variant,
-                    "long_term": {"identity_drift": values.get("drift", 0.0)},
-                    "member": {"name": name, "kind": kind, "variant": variant, "seed": seed,
-                               "alpha": 0.1 if alpha is None else alpha, "retrained_stages": list(stages),
-                               "wall_s": 3.0}})
-    return metrics
-
-
 def _write(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
 
 
-@pytest.fixture
-def hand_made(tmp_path):
-    """reports/ with a main line, members of four variants x 2 seeds (b1, b2 missing), three alphas."""
-    reports = tmp_path / "reports"
-    fids = {"full": (10.0, 12.0), "wo_mta": (13.0, 14.0), "wo_fpc": (15.0, 15.5), "wo_fa": (20.0, 22.0)}
-    for variant, values in fids.items():
-        for seed, fid in enumerate(values):
-            _write(reports / "ablations" / f"{variant}-s{seed}" / "metrics.json",
-                   _member(variant, seed, fid=fid, ssim=0.5 - fid / 100, drift=fid / 100))
-    for alpha, ssim in [(0.1, 0.6), (0.5, 0.5), (0.9, 0.3)]:
-        _write(reports / "ablations" / f"alpha-{alpha}" / "metrics.json", _member("full", 0, alpha, ssim=ssim))
-    _write(reports / "ablations" / "stale-s9" / "metrics.json", _member("wo_fa", 9))
-    main = _member("full", 0)
-    main.pop("member")
-    parts = {"appearance": 0.2, "motion": 2.1, "mean_signals": 0.03, "frame_change": 0.4}
-    main.update({f"fvd_part_{k}": v for k, v in parts.items()})
-    main.update(fid=9.0, checks={"fvd_beats_static_reference": True},
-                baselines={"static_reference": {"fid": 50.0, "fvd_part_motion": 3.9}},
-                long_term={"seconds": 4.0, "clips": ["c"], "ssim_first": 0.5, "ssim_last": 0.4, "identity_drift": 0.01})
-    _write(reports / "metrics.json", main)
+@pytest.fixture(scope="module")
+def hand_made(tmp_path_factory):
+    """reports/ of tests/hand_made_evaluations.py (a main line, five variants x 3 seeds, three alphas; no b2),
+    the claims stage run on them, a stale member folder, SyncNet's metrics, one training report."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    reports, params = build(tmp_path)
+    _write(reports / "ablations" / "stale-s9" / "metrics_details.json",
+           {"member": {"name": "stale-s9", "kind": "ablation", "variant": "wo_fa", "seed": 9, "alpha": 0.1,
+                       "retrained_stages": [1, 2, 3]}})
+    write_claims(reports, reports / "ablations", params, reports)
     _write(reports / "train_stage1.json", {"stage": 1, "variant": "full", "steps": 8, "loss_first10": 0.9,
                                            "loss_last10": 0.5, "wall_s": 12.0})
     _write(reports / "data_pipeline.json", {"stages": {"sync": {"kept": 8, "rejected_total": 1,
                                                                 "rejected": {"av_offset": 1}, "seconds": 40.0}}})
-    params = Params.model_validate({"ablations": {"seeds": [0, 1]}, "sweep": {"alphas": [0.1, 0.5, 0.9]}})
-    done = report.write_report(params, reports / "metrics.json", reports / "ablations",
+    _write(tmp_path / "syncnet.json", {"train_clips": 20, "heldout_clips": 3, "planted_out_of_sync_in_train": 2,
+                                       "planted_out_of_sync_in_table": 3, "folds": {"metric": {"groups": 6},
+                                       "cross_fit": {"clips": 9, "groups": 4}}, "cross_fit": {}})
+    done = report.write_report(params, reports / "metrics_details.json", reports / "ablations",
                                [reports / f"train_stage{k}.json" for k in (1, 2)], reports / "data_pipeline.json",
-                               reports, reports / "long_term.png")
-    return reports, fids, done
+                               reports, reports / "long_term.png", claims=reports / "claims.json",
+                               syncnet=tmp_path / "syncnet.json")
+    return reports, done
 
 
-def test_report_tables_hold_mean_and_std_over_seeds(hand_made):
-    reports, fids, done = hand_made
+def test_report_tables_hold_the_claims_intervals_and_no_paper_value(hand_made):
+    reports, done = hand_made
     table = pd.read_csv(reports / "ablations.csv").set_index("variant")
-    assert list(table.index) == ["full", "wo_fa", "wo_fpc", "wo_mta"]  # params order; b1, b2 have no member
-    for variant, values in fids.items():
-        assert table.loc[variant, "fid_mean"] == pytest.approx(np.mean(values))
-        assert table.loc[variant, "fid_std"] == pytest.approx(np.std(values, ddof=1))
-        assert table.loc[variant, "fid_backend"] == "backend-fid"
-        assert table.loc[variant, "paper_fid"] == ablation_tables.PAPER_VARIANTS[variant]["fid"]
+    assert list(table.index) == ["full", "wo_fa", "wo_fpc", "wo_mta", "b1"]  # params order; b2 has no member
+    units = [0.30 + 0.05 * c + 0.01 * s for c in range(4) for s in range(3)]  # full's SSIM per (clip, seed)
+    assert table.loc["full", "ssim_mean"] == pytest.approx(np.mean(units))
+    assert table.loc["full", "ssim_low"] < table.loc["full", "ssim_mean"] < table.loc["full", "ssim_high"]
+    assert table.loc["wo_fpc", "fid_mean"] == pytest.approx(0.25) and table.loc["full", "fid_mean"] == pytest.approx(0.0)
+    assert math.isnan(table.loc["full", "fid_low"])  # a pooled set metric: its intervals are the claims' differences
     md = (reports / "ablations.md").read_text()
-    assert "11 ± 1.4 / 42.08" in md  # full: mean ± std / the paper's Table 4
-    assert "- FID: the paper's ordering full > wo_mta > wo_fpc > wo_fa holds" in md
-    assert "- SSIM: the paper's ordering full > wo_mta > wo_fpc > wo_fa holds" in md
+    ours, paper = md.split("## The paper's numbers")
+    assert "42.08" not in ours and "42.08" in paper  # never in a cell beside ours
+    text = (reports / "report.md").read_text()
+    main_table = text[text.index("## The main line"):text.index("## The paper's numbers")]
+    assert "42.08" not in main_table and "656.7" not in main_table
+    assert "| full > wo_mta > wo_fpc > wo_fa on SSIM | holds | refuted |" in text  # wo_fa beats full by 0.02
+    assert "[claims.md](claims.md) answers" in text and "![paired effects with their intervals](claims_effects.png)" in text
+    assert "2 planted out-of-sync clips (of 3 in the face-filtered table) were among its training clips" in text
     sweep = pd.read_csv(reports / "alpha_sweep.csv")
-    assert list(sweep["alpha"]) == [0.1, 0.5, 0.9] and list(sweep["ssim"]) == [0.6, 0.5, 0.3]
+    assert list(sweep["alpha"]) == [0.1, 0.5, 0.9]
+    assert sweep["ssim_mean"].tolist() == pytest.approx([0.375 + 0.3 - 0.1 * a for a in (0.1, 0.5, 0.9)])
     for name in report.OUTPUTS:
         assert (reports / name).is_file(), name
 
 
 def test_report_lists_missing_inputs_and_invents_nothing(hand_made):
-    reports, _, done = hand_made
+    reports, done = hand_made
     text = (reports / "report.md").read_text()
     assert f"`{reports / 'train_stage2.json'}`: MISSING" in text
     assert f"`{reports / 'long_term.png'}`: MISSING" in text
-    for missing in ("variant=b1 seed=0", "variant=b1 seed=1", "variant=b2 seed=0", "variant=b2 seed=1"):
-        assert f"missing ablation member {missing}" in text
+    assert all(f"missing ablation member variant=b2 seed={s}" in text for s in range(3))
     assert "stale-s9" in text and "ignored" in text  # a folder outside the matrix is not averaged in
-    assert "| FID (↓) | 9 | `backend-fid` | 50 | n/a | n/a | 42.08 |" in text  # static, autoencoder, ground truth, paper
-    assert "params hash `hash-full-s0`" in text
-    # the FVD fallback by part, ours beside the baselines' (what a baseline lacks is n/a)
-    assert "| motion | 2.1 | 3.9 | n/a |" in text and "| frame change | 0.4 | n/a | n/a |" in text
-    assert "ours 0.6 at alpha 0.1 -> 0.3 at alpha 0.9, falls at every step" in text
-    wo_mta_ssim = np.mean([0.5 - 0.13, 0.5 - 0.14])
-    assert f"wo_mta level (mean of the wo_mta members): SSIM {ablation_tables.fmt(wo_mta_ssim)}" in text
-    assert "decisions.md #20): yes" in text  # full's identity drift (0.11) <= wo_fa's (0.21)
-    assert len(done["missing"]) == 2 + 4 + 0  # two files, four members
+    assert "params hash `h0`" in text
+    assert len(done["missing"]) == 2 + 3  # two files, three members
 
 
 # ---------------------------------------------------------------------------------------- micro pipeline
 def _member_dirs(root: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (root / "reports" / "ablations").glob("*/metrics.json")}
+    return {p.parent.name: json.loads(p.read_text())
+            for p in (root / "reports" / "ablations").glob("*/metrics_details.json")}
 
 
 def test_micro_matrix_members_retrained_only_their_stages(micro_pipeline):
@@ -221,10 +186,13 @@ def test_micro_matrix_members_retrained_only_their_stages(micro_pipeline):
             assert info["steps"][f"stage{k}"] == steps
             # wo_fpc's stage 2 fits its audio tokens' statistics: no optimizer step
             assert stage["steps"] == (0 if (info["variant"], k) == ("wo_fpc", 2) else steps), (name, k)
-        # the long-term curve is the ablation members' (Figure 5 per variant); the sweep's plot is over alpha
-        long_term = (root / "reports" / "ablations" / name / "long_term.csv").is_file()
-        assert m.get("ssim") is not None and long_term == (info["kind"] == "ablation"), name
-        assert (m.get("long_term") is not None) == (info["kind"] == "ablation"), name
+        # every member, ablation or sweep, is measured on the long-term clips, per window (Figures 5 and 7)
+        folder = root / "reports" / "ablations" / name
+        assert (folder / "long_term.csv").is_file() and (folder / "long_term_windows.csv").is_file(), name
+        assert m.get("ssim") is not None and m.get("long_term") is not None, name
+        assert m["long_term"]["seconds"] == pytest.approx(params.ablations.eval["long_term_seconds"], abs=0.05), name
+        headline = json.loads((folder / "metrics.json").read_text())  # the DVC metric: small
+        assert set(headline) == {*HEADLINE, "fallback"} and (folder / "features.npz").is_file()
 
 
 def test_micro_members_never_registered_a_model_version(micro_pipeline):
@@ -247,24 +215,23 @@ def test_micro_report_holds_the_members_numbers(micro_pipeline):
     reports = root / "reports"
     for name in report.OUTPUTS:
         assert (reports / name).is_file(), name
-    members = [m for m in _member_dirs(root).values() if m["member"]["kind"] == "ablation"]
     table = pd.read_csv(reports / "ablations.csv").set_index("variant")
-    for metric in ("fvd", "ssim", "sync_c"):
+    for metric in ("ssim", "sync_c"):  # per-clip metrics: the mean over the members' (clip, seed) units
         for variant in table.index:
-            values = [m[metric] for m in members if m["member"]["variant"] == variant and m.get(metric) is not None]
-            got = table.loc[variant, f"{metric}_mean"]
-            if values:
-                assert got == pytest.approx(np.mean(values)), (variant, metric)
-            else:  # not computed for any seed (e.g. no face in the micro model's frames): empty, not invented
-                assert math.isnan(got), (variant, metric)
+            units = pd.concat(pd.read_csv(root / "reports" / "ablations" / f"{variant}-s{s}" / "eval_clips.csv")[metric]
+                              for s in load_params(root / "params.yaml").ablations.seeds)
+            assert table.loc[variant, f"{metric}_mean"] == pytest.approx(units.mean()), (variant, metric)
     sweep = pd.read_csv(reports / "alpha_sweep.csv")
     by_alpha = {m["member"]["alpha"]: m["ssim"] for m in _member_dirs(root).values() if m["member"]["kind"] == "sweep"}
-    assert dict(zip(sweep["alpha"], sweep["ssim"])) == pytest.approx(by_alpha)
+    assert dict(zip(sweep["alpha"], sweep["ssim_mean"])) == pytest.approx(by_alpha)
     text = (reports / "report.md").read_text()
-    main = json.loads((reports / "metrics.json").read_text())
+    main = json.loads((reports / "metrics_details.json").read_text())
     assert f"`{main['params_hash']}`" in text and f"`{main['fvd_backend']}`" in text
     assert "MISSING" not in text and "missing ablation member" not in text
-    assert re.search(r"- FVD: (cannot say|the paper's ordering .* (holds|does not hold))", text)
+    assert re.search(r"\| full > wo_mta > wo_fpc > wo_fa on FVD \| holds \| (supported|refuted|inconclusive) \|", text)
+    claims = json.loads((reports / "claims.json").read_text())
+    assert {r["verdict"] for r in claims["claims"]} <= {"supported", "refuted", "inconclusive"}
+    assert (reports / "claims.md").is_file() and (reports / "claims_effects.png").is_file()
 
 
 # `dvc exp run -S alpha=0.5` re-running only train_stage3, evaluate and report, and `dvc exp show`

@@ -136,11 +136,12 @@ def test_params_hash_changes_with_alpha():
 
 # ---------------------------------------------------------------------------------------- dvc.yaml params
 # Sub-sections that only their own stages read (decisions.md #18), and the one key of them other stages read.
-OWN_STAGES = {"data.quality": {"quality"}, "data.syncnet": {"syncnet_train", "sync_filter"}, "data.split": {"split"},
-              "eval.open_set": {"open_set"}, "eval.token_figures": {"token_figures"}}
+OWN_STAGES = {"data.quality": {"quality"}, "data.syncnet": {"syncnet_train", "sync_filter"},
+              "data.split": {"split", "syncnet_train"},  # syncnet_train decides the split's roles too (train/syncnet.py)
+              "eval.open_set": {"open_set"}, "eval.token_figures": {"token_figures"}, "eval.claims": {"claims"}}
 SHARED_KEYS = {"data.syncnet.max_offset": {"evaluate", "open_set", "ablation", "sweep"}}  # Sync-C / Sync-D's search
 DATA_KEYS = {f"data.{k}" for k in DataParams.model_fields if k not in DATA_FILTERS}
-EVAL_KEYS = {f"eval.{k}" for k in EvalParams.model_fields if k not in ("open_set", "token_figures")}
+EVAL_KEYS = {f"eval.{k}" for k in EvalParams.model_fields if k not in ("open_set", "token_figures", "claims")}
 
 
 def _dvc_params() -> dict[str, list[str]]:
@@ -182,7 +183,8 @@ def test_a_sub_section_is_a_dependency_of_its_own_stages_only():
     params = _dvc_params()
     assert not [k for k in params["faces"] if k.startswith(("data.quality", "data.syncnet", "data.split"))]
     for stage, sub in (("quality", "data.quality"), ("syncnet_train", "data.syncnet"), ("sync_filter", "data.syncnet"),
-                       ("split", "data.split"), ("open_set", "eval.open_set"), ("token_figures", "eval.token_figures")):
+                       ("split", "data.split"), ("open_set", "eval.open_set"), ("token_figures", "eval.token_figures"),
+                       ("claims", "eval.claims")):
         assert sub in params[stage]
 
 

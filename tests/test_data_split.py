@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 
 from mcdm.config import Params
-from mcdm.data.split import split, split_clips
+from mcdm.data.split import clip_roles, split, split_clips
 from mcdm.errors import McdmError
+from mcdm.train.syncnet import syncnet_folds
 
 LANGS = ["en", "fr", "ja", "ar", "de"]
 
@@ -95,3 +96,49 @@ def test_split_writes_three_tables(tmp_path):
         assert pd.read_parquet(tmp_path / "split" / f"{name}.parquet").shape == df.shape
     assert list(pd.read_csv(tmp_path / "split" / "rejects.csv").columns) == ["file", "stage", "reason"]
     assert summary.extra["test"]["long_term_clips"] == 1 and summary.extra["open_set"]["groups"] == 2
+
+
+# ---------------------------------------------------------------------------------------- roles before the filter
+def test_roles_are_decided_on_the_clips_before_the_sync_filter():
+    candidates = clips_table()
+    _, test_all, _ = split_clips(candidates, Params())
+    # the filter drops every clip of a test group but one, and half of the training clips: a split deciding on
+    # what is left could move groups across; deciding on the candidates keeps every group on its side
+    keep = set(test_all.clip_id[::5]) | set(candidates.clip_id[::2])
+    filtered = candidates[candidates.clip_id.isin(keep)]
+    train, test, open_set = split_clips(filtered, Params(), candidates=candidates)
+    roles = clip_roles(candidates, Params()).set_index("clip_id")["role"]
+    assert (roles[list(train.clip_id)] == "train").all() and (roles[list(test.clip_id)] == "test").all()
+    assert (roles[list(open_set.clip_id)] == "open_set").all()
+    with pytest.raises(McdmError, match="not among the candidate clips"):
+        split_clips(clips_table(n_ids=21), Params(), candidates=candidates)
+
+
+def test_syncnet_folds_keep_the_metric_syncnet_on_the_training_split():
+    clips = clips_table()
+    folds = syncnet_folds(clips, Params()).set_index("clip_id")
+    train, test, open_set = split_clips(clips, Params())
+    assert set(folds.index[folds["fold"] == "metric"]) == set(train.clip_id)
+    assert set(folds.index[folds["fold"] == "cross_fit"]) == set(test.clip_id) | set(open_set.clip_id)
+    metric_groups = set(folds.loc[folds["fold"] == "metric", "group"])
+    assert not metric_groups & set(test[~test.long_term].source_id) and not metric_groups & set(open_set.source_id)
+
+
+def test_micro_syncnet_never_trained_on_a_test_or_open_set_clip(micro_pipeline):
+    """Issue #19 item 4: the SyncNet behind Sync-C / Sync-D and the test / open-set tables are disjoint
+    (by clip; by identity group for the regular test clips and the open set)."""
+    root = micro_pipeline
+    trained = pd.read_csv(root / "models" / "syncnet" / "training_clips.csv")
+    metric = trained[trained["fold"] == "metric"]
+    seen = set(metric.loc[metric["use"] == "trained", "clip_id"])
+    test = pd.read_parquet(root / "data" / "split" / "test.parquet")
+    open_set = pd.read_parquet(root / "data" / "split" / "open_set.parquet")
+    assert seen and not seen & set(test.clip_id) and not seen & set(open_set.clip_id)
+    group = dict(zip(trained["clip_id"], trained["group"]))  # every face-filtered clip's identity group
+    held = set(test.loc[~test.long_term.astype(bool), "clip_id"]) | set(open_set.clip_id)
+    assert not set(metric["group"]) & {group[c] for c in held}
+    # every clip the sync filter kept was scored by the SyncNet that did not train on it
+    scores = pd.read_csv(root / "data" / "sync" / "scores.csv")
+    by = dict(zip(scores["clip_id"], scores["scored_by"]))
+    assert all(by[c] == ("cross_fit" if f == "metric" else ".") for c, f in zip(trained["clip_id"], trained["fold"])
+               if c in by)

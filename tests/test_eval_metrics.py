@@ -19,6 +19,7 @@ from mcdm.eval import metrics as M
 from mcdm.eval.face_features import DlibFrameFeatures
 from mcdm.eval.frechet import feature_stats, frechet_distance, frechet_from_features
 from mcdm.eval.landmark_features import DynamicsVideoFeatures, expression_template, landmark_expression_features
+from mcdm.eval.suite import MetricSuite
 
 # ------------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -170,7 +171,7 @@ def test_prefetch_in_dask_workers_gives_the_in_process_analysis(heads):
 
 def test_ground_truth_vs_itself_and_static_reference(faces, heads):
     real = heads[0]
-    suite = M.MetricSuite(EvalParams(frame_stride=4), faces=faces)
+    suite = MetricSuite(EvalParams(frame_stride=4), faces=faces)
     refs = np.stack([v[0] for v in real])
     rows = suite.baselines(real, refs)
     gt, static = rows["ground_truth"], rows["static_reference"]
@@ -215,8 +216,9 @@ def test_identity_summary_drift_and_ground_truth():
     assert s["identity"] == pytest.approx(curve.mean()) and s["identity_drift"] == pytest.approx(0.3)
     assert s["identity_gt"] == pytest.approx(0.15) and s["identity_gt_drift"] == pytest.approx(0.0)
     assert s["identity_gap"] == pytest.approx(curve.mean() - 0.15)
-    with_gap = M.identity_summary([np.r_[curve, np.nan]], None)
-    assert with_gap["identity_no_face_frames"] == 1 and with_gap["identity_n"] == 20
+    with_gap = M.identity_summary([np.r_[curve, np.nan]], None)  # a lost face: charged, counted (21 frames)
+    assert with_gap["identity_no_face_frames"] == 1 and with_gap["identity_n"] == 21
+    assert with_gap["identity"] == pytest.approx((curve.sum() + 1.0) / 21)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,13 +246,17 @@ def test_efid_fallback_invariant_to_similarity_transforms(faces):
                       for lm in shapes])
     template = expression_template(shapes)
     np.testing.assert_allclose(expression_template(moved), template, atol=1e-9)
-    np.testing.assert_allclose(landmark_expression_features(moved, template),
-                               landmark_expression_features(shapes, template), atol=1e-9)
-    same = M.efid(shapes, moved)
+    np.testing.assert_allclose(expression_template(moved[::-1]), template, atol=1e-9)  # order does not matter
+    # each frame against its identity's neutral shape (here: the same person's, in any pose)
+    neutral_moved = np.stack([_similarity(base, rng.uniform(-0.5, 0.5), rng.uniform(0.4, 2.5), rng.uniform(-100, 100, 2))
+                              for _ in shapes])
+    np.testing.assert_allclose(landmark_expression_features(moved, neutral_moved),
+                               landmark_expression_features(shapes, base), atol=1e-9)
+    same = M.efid(shapes, moved, real_neutral=base, fake_neutral=neutral_moved)
     assert same.backend == "landmark-expression-offsets" and same.value == pytest.approx(0.0, abs=1e-10)
     wider = shapes.copy()
     wider[:, 57:60, 1] += 6  # every mouth opened further: a real expression change
-    assert M.efid(shapes, wider).value > 1e-3
+    assert M.efid(shapes, wider, real_neutral=base, fake_neutral=base).value > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +312,7 @@ def test_torchscript_backends_load_from_path_and_follow_call_conventions(tmp_pat
             torch.jit.script(module).save(str(paths[name]))
     params = EvalParams(inception_path=str(paths["inception-2015-12-05.pt"]), i3d_path=str(paths["i3d_torchscript.pt"]),
                         deep3d_path=str(paths["deep3d.pt"]))
-    suite = M.MetricSuite(params)
+    suite = MetricSuite(params)
     assert suite.backends["fid"] == "inception-v3-2048:inception-2015-12-05.pt"
     assert suite.backends["fvd"] == "i3d-400:i3d_torchscript.pt"
     assert suite.backends["efid"] == "deep3d-exp-64:deep3d.pt"

@@ -1,7 +1,9 @@
 """The evaluate stage on tiny synthetic features and untrained tiny models, through `mcdm evaluate`:
 every output is written, the baselines hold their closed forms (ground truth vs itself: SSIM 1, FID 0,
-identity gap 0; static reference: identity 0), metrics.json is strict JSON, the long-term curve has
-one row per `eval.long_term_every` frames, and the models/ folder of the stages loads as a pipeline."""
+identity gap 0; static reference: identity 0), metrics.json is the small headline and
+metrics_details.json the rest (strict JSON), the long-term curve has one row per
+`eval.long_term_every` frames and its windows agree with it, the Fréchet feature rows are kept per
+clip, and the models/ folder of the stages loads as a pipeline."""
 from __future__ import annotations
 
 import json
@@ -20,6 +22,8 @@ from safetensors.torch import save_file
 from mcdm import cli
 from mcdm.config import dump_params
 from mcdm.eval.face_features import DlibFrameFeatures
+from mcdm.eval.long_term import window_bounds
+from mcdm.eval.metric_files import HEADLINE, read_features
 from mcdm.media.io import probe
 from mcdm.models.sync.syncnet import SyncNet
 from mcdm.pipelines.loading import load_pipeline
@@ -29,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SIDE, FPS, RATE = 64, 25.0, 16000
 EVAL = {"steps": 2, "threads": 1, "clip_seconds": None, "batch_size": 2, "fvd_clip_frames": 4, "long_term_seconds": 0.6,
-        "long_term_every": 5, "n_samples": 1, "grid_clips": 2, "grid_times": 2}
+        "long_term_every": 5, "long_term_window_seconds": 0.2, "n_samples": 1, "grid_clips": 2, "grid_times": 2}
 CLIPS = {"a_test": ("test", 8, False), "b_test": ("test", 9, False), "c_long": ("test", 20, True),
          "d_train": ("train", 4, False)}
 
@@ -125,7 +129,8 @@ def test_models_folder_and_registry_bundle_load_as_the_pipeline(project, tmp_pat
 
 
 def test_evaluate_writes_every_output(evaluated, capsys):
-    for name in ("metrics.json", "eval_clips.csv", "eval_grid.png", "long_term.csv", "long_term.png"):
+    for name in ("metrics.json", "metrics_details.json", "features.npz", "eval_clips.csv", "eval_grid.png",
+                 "long_term.csv", "long_term_windows.csv", "long_term.png"):
         assert (evaluated / name).is_file(), name
     samples = sorted(p.name for p in (evaluated / "samples").glob("*.mp4"))
     assert samples == ["a_test.mp4", "long_term_c_long.mp4"]
@@ -135,11 +140,26 @@ def test_evaluate_writes_every_output(evaluated, capsys):
     clips = pd.read_csv(evaluated / "eval_clips.csv")
     assert list(clips["clip_id"]) == ["a_test", "b_test", "c_long"]  # regular test clips first; no train clip
     assert list(clips["n_frames"]) == [8, 9, 20]
-    assert {"ssim", "identity", "identity_gt", "sync_c", "sync_d", "static_sync_c"} <= set(clips.columns)
+    assert {"ssim", "identity", "identity_gt", "sync_c", "sync_d", "no_face_frames", "face_frames",
+            "static_reference_sync_c", "reversed_ground_truth_sync_c"} <= set(clips.columns)
+    assert ((clips["identity"] >= 0) & (clips["identity"] <= 1.0)).all()  # a lost face counts 1.0, never NaN
+
+
+def test_metrics_json_is_the_headline_and_the_details_hold_the_rest(evaluated):
+    top, m = _strict_json(evaluated / "metrics.json"), _strict_json(evaluated / "metrics_details.json")
+    assert list(top) == [*HEADLINE, "fallback"]
+    assert all(top[k] == m[k] for k in HEADLINE)
+    assert top["fallback"] == "fid fvd sync_c sync_d efid"  # no network given by path here
+    assert 0.0 <= top["failure_rate"] <= 1.0 and top["failure_rate"] == m["identity_failure_rate"]
+    assert len(json.dumps(top)) < 400  # what `dvc metrics show` / `dvc exp show` list
+    features = read_features(evaluated / "features.npz")
+    assert set(features) == {"model", "static_reference", "ground_truth", "autoencoder", "reversed_ground_truth"}
+    fid = features["model"]["fid"]
+    assert len(fid["fake"]) == len(fid["fake_video"]) == m["fid_n"] and set(fid["fake_video"]) == {0, 1, 2}
 
 
 def test_metrics_json_baselines_and_checks(evaluated):
-    m = _strict_json(evaluated / "metrics.json")
+    m = _strict_json(evaluated / "metrics_details.json")
     gt, static = m["baselines"]["ground_truth"], m["baselines"]["static_reference"]
     # ground truth vs itself: SSIM 1, Fréchet distances 0, identity equal to its own
     assert gt["ssim"] == pytest.approx(1.0, abs=1e-12)
@@ -162,16 +182,38 @@ def test_metrics_json_baselines_and_checks(evaluated):
     assert auto["identity_gt"] == gt["identity_gt"]
     assert all(v in (True, False, None) for v in m["checks"].values())
     assert m["n_clips"] == 3 and m["frames"] == 37 and m["variant"] == "full"
+    # no metric is null because the model lost faces: failures are charged and counted
+    for name in ("fid", "efid", "fvd"):
+        assert m[name] is not None and m[f"{name}_failure_rate"] is not None, name
+    # ground truth played backwards: real faces (identity as ground truth's), the wrong direction of time,
+    # which the FVD fallback sees
+    backwards = m["baselines"]["reversed_ground_truth"]
+    assert backwards["identity_no_face_frames"] == gt["identity_no_face_frames"] and backwards["fvd"] > gt["fvd"] + 1e-6
 
 
 def test_long_term_curve(evaluated):
     curve = pd.read_csv(evaluated / "long_term.csv")
-    assert list(curve.columns) == ["frame", "ssim", "identity", "identity_gt"]
+    assert list(curve.columns) == ["frame", "ssim", "identity", "no_face", "identity_gt"]
     assert list(curve["frame"]) == [0, 5, 10]  # 0.6 s of the 20-frame long clip, a row per 5 frames
     assert ((curve["ssim"] > -1) & (curve["ssim"] < 1)).all()
     gt = curve["identity_gt"].to_numpy()
     assert np.isfinite(gt).all() and gt[0] == pytest.approx(0.0, abs=1e-9)  # frame 0 is the reference
     assert (gt < 0.6).all()  # the same person throughout (dlib's threshold)
-    summary = _strict_json(evaluated / "metrics.json")["long_term"]
+    summary = _strict_json(evaluated / "metrics_details.json")["long_term"]
     assert summary["clips"] == ["c_long"] and summary["source"] == "long_term" and summary["frames"] == 15
     assert math.isfinite(summary["ssim_mean"])
+    # windows of 0.2 s = 5 frames, a curve row every 5 frames: each window is one row of the curve
+    windows = pd.read_csv(evaluated / "long_term_windows.csv")
+    assert list(windows["window"]) == [0, 1, 2] and list(windows["frames"]) == [5, 5, 5]
+    assert list(windows["start_s"]) == pytest.approx([0.0, 0.2, 0.4])
+    np.testing.assert_allclose(windows["ssim"], curve["ssim"], rtol=1e-12)
+    np.testing.assert_allclose(windows["identity"], curve["identity"], rtol=1e-12)
+    assert (windows["identity_frames"] == 1).all()
+    assert windows["sync_c"].isna().all()  # 5 frames are too few for SyncNet's offset search: no value, no error
+    assert summary["window_ssim_decay"] == pytest.approx(windows["ssim"].iloc[0] - windows["ssim"].iloc[-1])
+
+
+@pytest.mark.parametrize("n, size, bounds", [(15, 5, [(0, 5), (5, 10), (10, 15)]), (17, 5, [(0, 5), (5, 10), (10, 15)]),
+                                             (3, 5, [(0, 3)]), (5, 5, [(0, 5)])])
+def test_long_term_windows_are_whole_windows(n, size, bounds):
+    assert window_bounds(n, size) == bounds

@@ -38,8 +38,8 @@ def _png_shape(path: Path) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------- open-set maths
-def _row(clip, lang, sync_c, identity, sync_error=None, identity_error=None, cross=True):
-    return {"portrait_clip_id": clip, "portrait_identity": f"id_{clip}", "audio_clip_id": "a", "audio_language": lang,
+def _row(clip, lang, sync_c, identity, sync_error=None, identity_error=None, cross=True, lost=0):
+    return {"identity_no_face_frames": lost, "identity_frames": 10, "portrait_clip_id": clip, "portrait_identity": f"id_{clip}", "audio_clip_id": "a", "audio_language": lang,
             "cross_language": cross, "sync_c": sync_c, "sync_d": None if sync_c is None else 10 - sync_c,
             "identity": identity, "identity_gt": 0.2, "sync_backend": "syncnet" if sync_c is None else "syncnet_trained",
             "identity_backend": "dlib-descriptor-128", "sync_error": sync_error, "identity_error": identity_error,
@@ -47,7 +47,7 @@ def _row(clip, lang, sync_c, identity, sync_error=None, identity_error=None, cro
 
 
 def test_summarise_means_per_audio_language_and_overall_with_reasons():
-    table = pd.DataFrame([_row("p1", "en", 2.0, 0.3), _row("p2", "en", 4.0, None, identity_error="identity: no face"),
+    table = pd.DataFrame([_row("p1", "en", 2.0, 0.3, lost=3), _row("p2", "en", 4.0, None, identity_error="identity: no face"),
                           _row("p3", "de", None, 0.5, sync_error="sync: too short", cross=False),
                           _row("p4", None, 1.0, 0.1)], columns=O.TABLE_COLUMNS)
     fids = {"en": {"fid": 3.5, "fid_backend": "dlib-descriptor-128"}, O.ALL: {"fid": None, "fid_error": "fid: few"}}
@@ -58,6 +58,7 @@ def test_summarise_means_per_audio_language_and_overall_with_reasons():
     assert en["sync_c"] == pytest.approx(3.0) and en["sync_d"] == pytest.approx(7.0) and en["sync_c_n"] == 2
     assert en["identity"] == pytest.approx(0.3) and en["identity_n"] == 1  # mean over the pairs that have it
     assert en["identity_error"] == "identity: no face" and "sync_c_error" not in en
+    assert en["identity_failure_rate"] == pytest.approx(3 / 20) and every["identity_failure_rate"] == pytest.approx(3 / 40)
     assert en["fid"] == 3.5 and en["sync_c_backend"] == "syncnet_trained"
     assert de["sync_c"] is None and de["sync_c_n"] == 0 and de["sync_c_error"] == "sync: too short"
     assert de["sync_c_backend"] == "syncnet" and de["cross_language_pairs"] == 0  # the label even without a value
@@ -190,7 +191,7 @@ def test_report_sections_read_the_summaries_and_list_what_is_missing(tmp_path):
     reports = tmp_path / "reports"
     reports.mkdir()
     (reports / "open_set.json").write_text(json.dumps(_summary(reports)))
-    (reports / "metrics.json").write_text(json.dumps({"sync_c": 2.5, "sync_d": 7.0, "identity": 0.4, "identity_gt": 0.25,
+    (reports / "metrics_details.json").write_text(json.dumps({"sync_c": 2.5, "sync_d": 7.0, "identity": 0.4, "identity_gt": 0.25,
                                                        "fid": 9.0, "params_hash": "hash-test"}))
     T.plot_tsne(pd.DataFrame({"clip_id": ["a", "b"], "split": ["test", "open_set"], "identity": ["x", "y"],
                               "frame": [0, 0], "x": [0.0, 1.0], "y": [1.0, 0.0]}), 1.0, reports / "tsne.png")
@@ -198,13 +199,13 @@ def test_report_sections_read_the_summaries_and_list_what_is_missing(tmp_path):
                "tsne": {"path": str(reports / "tsne.png"), "csv": "tsne.csv", "points": 2, "clips": 2, "perplexity": 1.0}}
     (reports / "token_figures.json").write_text(json.dumps(figures))
     params = Params.model_validate({"ablations": {"variants": ["full"], "seeds": [0]}, "sweep": {"alphas": [0.1]}})
-    done = report.write_report(params, reports / "metrics.json", reports / "ablations", [], reports / "data.json",
+    done = report.write_report(params, reports / "metrics_details.json", reports / "ablations", [], reports / "data.json",
                                reports, open_set=reports / "open_set.json", token_figures=reports / "token_figures.json")
     text = (reports / "report.md").read_text()
     assert "not produced by this pipeline" not in text
     assert "## Open set: unseen portraits x held-out audio" in text and "[open_set.csv](open_set.csv)" in text
-    assert "| en | 1 (1 cross-language) | 2 (n 1) | 8 (n 1) | 0.3 (n 1) | 0.2 | n/a |" in text
-    assert "| all languages | 2 (2 cross-language) | 3 (n 2) | 7 (n 2) | 0.3 (n 1) | 0.2 | 12.5 |" in text
+    assert "| en | 1 (1 cross-language) | 2 (n 1) | 8 (n 1) | 0.3 (n 1) | 0 | 0.2 | n/a |" in text
+    assert "| all languages | 2 (2 cross-language) | 3 (n 2) | 7 (n 2) | 0.3 (n 1) | 0 | 0.2 | 12.5 |" in text
     assert "`hash-open`" in text and "`hash-model`" in text and "FID `dlib-descriptor-128`" in text
     assert "Not computed: identity: no face." in text
     assert "open set minus test: Sync-C +0.5, Sync-D +0, identity -0.1." in text
@@ -212,7 +213,7 @@ def test_report_sections_read_the_summaries_and_list_what_is_missing(tmp_path):
     assert f"Missing: the lip-token heatmap picture `{reports / 'lip.png'}`." in text  # never drawn: said so
     assert f"`{reports / 'lip.png'}`: MISSING" in text and str(reports / "lip.png") in done["missing"]
     (reports / "open_set.json").unlink()
-    done = report.write_report(params, reports / "metrics.json", reports / "ablations", [], reports / "data.json",
+    done = report.write_report(params, reports / "metrics_details.json", reports / "ablations", [], reports / "data.json",
                                reports, open_set=reports / "open_set.json")
     text = (reports / "report.md").read_text()
     assert str(reports / "open_set.json") in done["missing"] and "(run `dvc repro open_set`)" in text
@@ -225,12 +226,12 @@ def test_the_stages_run_after_the_main_line_and_before_the_report():
     from pipeline import main_line_stages, report_input_stages
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert report_input_stages(ROOT) == ["open_set", "token_figures"]
-    assert not {"open_set", "token_figures"} & set(main_line_stages(ROOT))  # not in `dvc repro evaluate` / train-all
+    assert report_input_stages(ROOT) == ["open_set", "token_figures", "claims"]  # claims after the matrix's members
+    assert not {"open_set", "token_figures", "claims"} & set(main_line_stages(ROOT))  # not in `dvc repro evaluate`
     outs = {next(iter(o)) if isinstance(o, dict) else o for name in ("open_set", "token_figures")
             for kind in ("outs", "metrics") for o in stages[name].get(kind, [])}
     assert not outs & set(stages["evaluate"]["deps"])
-    assert {"reports/open_set.json", "reports/token_figures.json"} <= set(stages["report"]["deps"])
+    assert {"reports/open_set.json", "reports/token_figures.json", "reports/claims.json"} <= set(stages["report"]["deps"])
     assert "models/stage3" in stages["open_set"]["deps"] and "eval.open_set" in stages["open_set"]["params"]
     assert "eval.token_figures" in stages["token_figures"]["params"]
 

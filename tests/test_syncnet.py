@@ -249,12 +249,13 @@ def _write_clips(root, specs):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny SyncNet trained by the stage function on 9 synthetic clips (one planted 8-frame delay)."""
+    """Tiny SyncNets trained by the stage function on 12 synthetic one-clip identities (one planted
+    8-frame delay), in two folds."""
     from mcdm.config import Params
     from mcdm.train.syncnet import run_syncnet_train
 
     root = tmp_path_factory.mktemp("sync")
-    specs = [(f"c{i}", i, 0) for i in range(8)] + [("c_planted", 50, 8)]
+    specs = [(f"c{i}", i, 0) for i in range(11)] + [("c_planted", 50, 8)]
     table, manifest = _write_clips(root, specs)
     table.to_parquet(root / "kept.parquet")
     manifest.to_csv(root / "manifest.csv", index=False)
@@ -276,10 +277,18 @@ def test_training_separates_in_sync_from_shifted(trained):
     assert (root / "model" / "diffusion_pytorch_model.safetensors").is_file()
     saved = json.loads((root / "model" / "metrics.json").read_text())
     assert saved["heldout_pair_auc"] == pytest.approx(m["heldout_pair_auc"])
-    # the planted clip is in the table and is counted where it went (train or held out)
-    assert m["planted_out_of_sync_in_table"] == 1
-    assert m["planted_out_of_sync_in_train"] + m["planted_out_of_sync_in_heldout"] == 1
+    # two folds of identities (12 one-clip groups: 2 open-set, 1 test -> cross_fit; 9 training -> metric)
+    table = pd.read_csv(root / "model" / "training_clips.csv")
+    assert m["folds"]["metric"]["clips"] == 9 and m["folds"]["cross_fit"]["clips"] == 3
+    assert set(table.loc[table["fold"] == "metric", "role"]) == {"train"}
+    assert (root / "model" / "cross_fit" / "config.json").is_file()
     assert m["heldout_clips"] >= 2 and m["train_clips"] + m["heldout_clips"] == 9
+    assert m["cross_fit"]["train_clips"] + m["cross_fit"]["heldout_clips"] == 3
+    assert m["train_clips"] == int(((table["fold"] == "metric") & (table["use"] == "trained")).sum())
+    # the planted clip is in the table and is counted where it went (a fold's training or held-out clips)
+    assert m["planted_out_of_sync_in_table"] == 1
+    assert sum(f[k] for f in (m, m["cross_fit"]) for k in ("planted_out_of_sync_in_train",
+                                                            "planted_out_of_sync_in_heldout")) == 1
     assert m["heldout_pair_auc"] > 0.8, m
     assert m["heldout_pair_accuracy"] > 0.7, m
     assert m["heldout_offset_within_1"] == 1.0, m

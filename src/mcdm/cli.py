@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "scenes": ("scenes", "PySceneDetect cuts -> 25 fps / 16 kHz mono clips (clips.parquet, cuts.parquet)"),
     "faces": ("faces", "face detection + crops at data.resolution + landmarks (faces.parquet)"),
     "quality": ("quality", "resolution / sharpness / exposure / blockiness filter (kept.parquet)"),
-    "syncnet-train": ("syncnet_train", "train SyncNet on the face-filtered clips (in-sync vs shifted audio)"),
+    "syncnet-train": ("syncnet_train", "train SyncNet on the face-filtered clips (in-sync vs shifted audio), in two "
+                                       "folds (the metric one trains on the training split only)"),
     "sync-filter": ("sync_filter", "score every clip with SyncNet and drop out-of-sync ones"),
     "split": ("split", "train.parquet / test.parquet / open_set.parquet (9:1 by source group)"),
     "data-report": ("data_report", "merged rejects, contact sheet and filter scores (reports/data_pipeline.json)"),
@@ -37,10 +38,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "motion-encoders": ("motion_encoders", "train and freeze the lip / expression encoders and the head-token statistics"),
     "train": ("train", "train one MCDM stage (1: archived-clip prior, 2: present-clip prior, 3: present-clip "
                        "attention + MTA)"),
-    "evaluate": ("evaluate", "generate the test clips, metrics vs baselines, long-term curve"),
+    "evaluate": ("evaluate", "generate the test clips, metrics vs baselines, long-term curve and windows"),
     "open-set": ("open_set", "open-set table: unseen portraits x held-out audio (Sync-C/D, identity, FID)"),
     "token-figures": ("token_figures", "lip-token heatmap and t-SNE of expression tokens (Figure 6)"),
     "ablate": ("ablate", "one ablation / alpha-sweep member: retrain its stages, evaluate it"),
+    "claims": ("claims", "the paper's claims answered: effects, 95% intervals, n, supported / refuted / inconclusive"),
     "report": ("report", "ablation tables, alpha sweep and report.md from the pipeline's reports"),
     "generate": ("generate", "generate a talking-face video from a portrait and speech"),
 }

@@ -17,6 +17,12 @@ no source video, is ever on two sides. Every group gets a fixed pseudo-random ra
   the open set), plus the regular clips of groups taken in rank order until at least
   ``data.split.test_fraction`` of the regular (non-long-term, non-open-set) clips are test.
 - ``train.parquet``: the regular clips of all other groups. At least one group on each side.
+
+Which group goes where (:func:`group_roles`) is decided on the clips BEFORE the sync filter
+(``data/quality/kept.parquet``, ``--candidates``) and applied to the clips after it: the
+``syncnet_train`` stage, which runs before the filter, computes the same roles with the same function
+to keep every test and open-set identity out of the SyncNet that measures Sync-C / Sync-D
+(``mcdm.train.syncnet``).
 """
 from __future__ import annotations
 
@@ -61,17 +67,26 @@ def identity_groups(source_ids) -> dict[str, str]:
     return {sid: find(([i.strip() for i in sid.split(";") if i.strip()] or [sid])[0]) for sid in set(map(str, source_ids))}
 
 
-def split_clips(clips: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """``(train, test, open_set)`` as described in the module docstring."""
-    sp = params.data.split
+TRAIN, TEST, OPEN_SET = "train", "test", "open_set"
+
+
+def _prepared(clips: pd.DataFrame) -> pd.DataFrame:
     clips = clips.copy()
     if "long_term" not in clips:
         clips["long_term"] = False
     if "language" not in clips:
         clips["language"] = None
     clips["long_term"] = clips["long_term"].fillna(False).astype(bool)
-    clips = clips.sort_values("clip_id").reset_index(drop=True)
-    group = clips["source_id"].astype(str).map(identity_groups(clips["source_id"]))
+    return clips.sort_values("clip_id").reset_index(drop=True)
+
+
+def group_roles(clips: pd.DataFrame, params: Params) -> tuple[dict[str, str], dict[str, str]]:
+    """``(source_id -> group, group -> "train" | "test" | "open_set")`` for a clips table (``clip_id``,
+    ``source_id``, optional ``long_term``), by the module docstring's rule."""
+    sp = params.data.split
+    clips = _prepared(clips)
+    groups = identity_groups(clips["source_id"])
+    group = clips["source_id"].astype(str).map(groups)
     ranked = sorted(group.unique(), key=lambda g: (group_rank(g, sp.seed), g))
     long_groups = set(group[clips["long_term"]])
     free = [g for g in ranked if g not in long_groups]
@@ -90,11 +105,36 @@ def split_clips(clips: pd.DataFrame, params: Params) -> tuple[pd.DataFrame, pd.D
         if int((regular & group.isin(test_groups)).sum()) >= target or len(rest) - len(test_groups) <= 1:
             break
         test_groups.add(g)
-    train_groups = set(rest) - test_groups
-    assert not (train_groups & test_groups) and not (open_groups & (train_groups | test_groups))
-    train = clips[regular & group.isin(train_groups)].reset_index(drop=True)
-    test = clips[(regular & group.isin(test_groups)) | clips["long_term"]].reset_index(drop=True)
-    open_set = pair_open_set(clips[group.isin(open_groups)], test)
+    roles = {g: OPEN_SET if g in open_groups else TEST if g in test_groups else TRAIN for g in ranked}
+    return groups, roles
+
+
+def clip_roles(clips: pd.DataFrame, params: Params, candidates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``clips`` with ``group`` and ``role`` columns: a long-term clip is ``test``, every other clip
+    takes its group's role; roles (and groups) are decided on ``candidates`` (default: ``clips``),
+    which must hold every source id of ``clips``."""
+    clips = _prepared(clips)
+    groups, roles = group_roles(clips if candidates is None else candidates, params)
+    unknown = sorted(set(clips["source_id"].astype(str)) - set(groups))
+    if unknown:
+        raise McdmError(f"{STAGE}: source ids {unknown[:3]} are not among the candidate clips the roles were decided on")
+    clips["group"] = clips["source_id"].astype(str).map(groups)
+    clips["role"] = [TEST if lt else roles[g] for g, lt in zip(clips["group"], clips["long_term"])]
+    return clips
+
+
+def split_clips(clips: pd.DataFrame, params: Params,
+                candidates: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(train, test, open_set)`` as described in the module docstring, the roles decided on
+    ``candidates`` (the clips before the sync filter; default: ``clips``)."""
+    clips = clip_roles(clips, params, candidates)
+    if not (clips["role"] == TRAIN).any() or not (clips["role"] == TEST).any():
+        raise McdmError(f"{STAGE}: after the sync filter no clip is left on the "
+                        f"{'train' if not (clips['role'] == TRAIN).any() else 'test'} side of the split")
+    columns = [c for c in clips.columns if c not in ("group", "role")]
+    train = clips.loc[clips["role"] == TRAIN, columns].reset_index(drop=True)
+    test = clips.loc[clips["role"] == TEST, columns].reset_index(drop=True)
+    open_set = pair_open_set(clips.loc[clips["role"] == OPEN_SET, columns], test)
     return train, test, open_set
 
 
@@ -130,13 +170,16 @@ def pair_open_set(portraits: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def split(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, StageSummary]:
-    """Write ``train.parquet``, ``test.parquet``, ``open_set.parquet`` (+ empty rejects, summary)."""
+def split(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params,
+          candidates_path: str | os.PathLike | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, StageSummary]:
+    """Write ``train.parquet``, ``test.parquet``, ``open_set.parquet`` (+ empty rejects, summary); the
+    roles are decided on ``candidates_path`` (the clips before the sync filter) when given."""
     started = time.perf_counter()
     clips = read_table(clips_path, "sync_filter")
     if clips.empty:
         raise McdmError(f"{STAGE}: {clips_path} holds no clips")
-    train, test, open_set = split_clips(clips, params)
+    candidates = None if candidates_path is None else read_table(candidates_path, "quality")
+    train, test, open_set = split_clips(clips, params, candidates)
     out_dir = Path(out_dir)
     write_parquet(test, out_dir / "test.parquet")
     write_parquet(open_set, out_dir / "open_set.parquet")

@@ -1,5 +1,7 @@
-"""The ablation matrix (paper Tables 4-5) and the alpha sweep (Figure 7) from the members' metrics:
-mean and standard deviation over seeds per variant, the paper's orderings, the alpha curve."""
+"""The ablation matrix (paper Tables 4-5) and the alpha sweep (Figure 7) as tables: the members, each
+variant's and each alpha's means with their 95% intervals (from the claims stage's ``claims.json``,
+``mcdm.eval.claims_report``), and the paper's own numbers, which stay in their own table: our numbers
+come from other networks, data and scales, so only orderings compare, never values."""
 from __future__ import annotations
 
 import json
@@ -9,10 +11,9 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 
 from mcdm.config import Params
-from mcdm.eval.plots import plot_long_term
+from mcdm.eval.metric_files import DETAILS_JSON
 from mcdm.media.files import save_figure
 
 
@@ -56,10 +57,10 @@ def read_json(path: str | Path) -> Optional[dict]:
 
 
 def load_members(folder: str | Path) -> list[dict]:
-    """Every ``<folder>/*/metrics.json`` written by ``mcdm ablate`` (those with a ``member`` block),
-    with ``_path`` set to its folder."""
+    """Every ``<folder>/*/metrics_details.json`` written by ``mcdm ablate`` (those with a ``member``
+    block), with ``_path`` set to its folder."""
     members = []
-    for path in sorted(Path(folder).glob("*/metrics.json")):
+    for path in sorted(Path(folder).glob(f"*/{DETAILS_JSON}")):
         m = read_json(path)
         if m and isinstance(m.get("member"), dict):
             members.append({**m, "_path": str(path.parent)})
@@ -69,15 +70,17 @@ def load_members(folder: str | Path) -> list[dict]:
 def select_members(members: list[dict], params: Params) -> tuple[list[dict], list[dict], list[str], list[str]]:
     """(ablation members, sweep members, missing members, ignored folders) against the params' matrix:
     ``ablations.variants`` x ``ablations.seeds`` and ``sweep.alphas``. Members of other values (stale
-    folders of an earlier matrix) are ignored and listed."""
+    folders of an earlier matrix) and folders not named as the matrix names its member (a copy under
+    another name) are ignored and listed."""
     wanted = {(v, s) for v in params.ablations.variants for s in params.ablations.seeds}
     alphas = list(params.sweep.alphas)
     ablation, sweep, ignored = [], [], []
     for m in members:
         info = m["member"]
-        if info.get("kind") == "ablation" and (info.get("variant"), info.get("seed")) in wanted:
+        named = Path(m["_path"]).name == info.get("name", Path(m["_path"]).name)
+        if named and info.get("kind") == "ablation" and (info.get("variant"), info.get("seed")) in wanted:
             ablation.append(m)
-        elif info.get("kind") == "sweep" and any(math.isclose(info.get("alpha", -1.0), a) for a in alphas):
+        elif named and info.get("kind") == "sweep" and any(math.isclose(info.get("alpha", -1.0), a) for a in alphas):
             sweep.append(m)
         else:
             ignored.append(m["_path"])
@@ -89,23 +92,20 @@ def select_members(members: list[dict], params: Params) -> tuple[list[dict], lis
     return ablation, sweep, missing, ignored
 
 
-# ------------------------------------------------------------------------------------------- maths
-def mean_std(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
-    """(mean, sample std with ddof 1 or None below two values, n) of the finite values."""
-    x = np.array([v for v in values if v is not None and math.isfinite(float(v))], dtype=np.float64)
-    if not len(x):
-        return None, None, 0
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else None, int(len(x))
+# ------------------------------------------------------------------------------------------- tables
+ARM_METRICS = (*METRICS, IDENTITY)
+LONG_TERM = (Metric("ssim_decay", "long-term SSIM decay", False), Metric("identity_drift", "long-term identity drift", False))
 
 
-def _backend(members: Sequence[dict], key: str) -> Optional[str]:
-    labels = sorted({str(m[f"{key}_backend"]) for m in members if m.get(f"{key}_backend")})
-    return " / ".join(labels) if labels else None
+def _cell(s: Optional[dict]) -> dict:
+    s = s or {}
+    return {"mean": s.get("value"), "low": s.get("low"), "high": s.get("high"), "n": s.get("n")}
 
 
-def variant_rows(members: list[dict], variants: Sequence[str]) -> list[dict]:
-    """One row per variant (in ``variants`` order, those with members): seeds, and per metric the
-    mean, std, n and backend label; the members' params hashes."""
+def variant_rows(claims: Optional[dict], members: list[dict], variants: Sequence[str]) -> list[dict]:
+    """One row per variant with members (``variants`` order): seeds, retrained stages, and per metric
+    the mean over (clip, seed) units with its interval (set metrics: the pooled distance) and backend."""
+    arms = (claims or {}).get("arms", {})
     rows = []
     for variant in variants:
         ms = sorted((m for m in members if m["member"]["variant"] == variant), key=lambda m: m["member"]["seed"])
@@ -113,83 +113,31 @@ def variant_rows(members: list[dict], variants: Sequence[str]) -> list[dict]:
             continue
         row = {"variant": variant, "n_members": len(ms), "seeds": " ".join(str(m["member"]["seed"]) for m in ms),
                "retrained_stages": " ".join(str(k) for k in ms[0]["member"]["retrained_stages"])}
-        for metric in (*METRICS, IDENTITY):
-            mean, std, n = mean_std(m.get(metric.key) for m in ms)
-            row.update({f"{metric.key}_mean": mean, f"{metric.key}_std": std, f"{metric.key}_n": n,
-                        f"{metric.key}_backend": _backend(ms, metric.key)})
-            if metric.key in PAPER_VARIANTS.get(variant, {}):
-                row[f"paper_{metric.key}"] = PAPER_VARIANTS[variant][metric.key]
-        drift = mean_std((m.get("long_term") or {}).get("identity_drift") for m in ms)
-        row["long_term_identity_drift_mean"] = drift[0]
+        for metric in (*ARM_METRICS, *LONG_TERM):
+            row.update({f"{metric.key}_{k}": v for k, v in _cell(arms.get(variant, {}).get(metric.key)).items()})
+            labels = sorted({str(m.get(f"{metric.key}_backend")) for m in ms if m.get(f"{metric.key}_backend")})
+            row[f"{metric.key}_backend"] = " / ".join(labels) or None
+        row["units"] = row.get("ssim_n")  # (clip, seed) units behind the per-clip metrics
         row["params_hashes"] = " ".join(str(m.get("params_hash")) for m in ms)
         rows.append(row)
     return rows
 
 
-def ordering(means: dict[str, Optional[float]], metric: Metric, order: Sequence[str] = PAPER_ORDER) -> dict:
-    """Whether ``order`` (best first) holds on ``metric`` for these variant means, strictly; the
-    variants we have, ranked best first; and the variants that lack a value."""
-    missing = [v for v in order if means.get(v) is None]
-    have = [v for v in order if means.get(v) is not None]
-    ranked = sorted(have, key=lambda v: means[v], reverse=metric.higher_is_better)
-    if missing:
-        return {"holds": None, "ranked": ranked, "missing": missing}
-    better = (lambda a, b: a > b) if metric.higher_is_better else (lambda a, b: a < b)
-    holds = all(better(means[a], means[b]) for a, b in zip(order, order[1:]))
-    return {"holds": holds, "ranked": ranked, "missing": []}
-
-
-def ordering_line(rows: list[dict], metric: Metric, order: Sequence[str] = PAPER_ORDER) -> str:
-    means = {r["variant"]: r.get(f"{metric.key}_mean") for r in rows}
-    result = ordering(means, metric, order)
-    sign = " > ".join(order)
-    if result["holds"] is None:
-        return f"- {metric.label}: cannot say, no value for {', '.join(result['missing'])}"
-    ranked = result["ranked"]
-    ours = ranked[0] + "".join((" = " if means[a] == means[b] else " > ") + b for a, b in zip(ranked, ranked[1:]))
-    verdict = "holds" if result["holds"] else "does not hold"
-    return f"- {metric.label}: the paper's ordering {sign} {verdict} (ours, best first: {ours})"
-
-
-def sweep_rows(members: list[dict]) -> list[dict]:
+def sweep_rows(claims: Optional[dict], members: list[dict]) -> list[dict]:
+    """One row per sweep member (by alpha): each metric's mean with its interval."""
+    arms = (claims or {}).get("arms", {})
     rows = []
     for m in sorted(members, key=lambda m: m["member"]["alpha"]):
         row = {"alpha": m["member"]["alpha"], "member": m["member"]["name"], "seed": m["member"]["seed"],
-               "params_hash": m.get("params_hash"), "retrained_stages": " ".join(map(str, m["member"]["retrained_stages"]))}
-        for metric in (*METRICS, IDENTITY):
-            row[metric.key] = m.get(metric.key)
-            row[f"{metric.key}_backend"] = m.get(f"{metric.key}_backend")
+               "params_hash": m.get("params_hash")}
+        for metric in (*ARM_METRICS, *LONG_TERM):
+            row.update({f"{metric.key}_{k}": v for k, v in _cell(arms.get(f"alpha={m['member']['alpha']:g}", {})
+                                                                 .get(metric.key)).items()})
         row["wall_s"] = m["member"].get("wall_s")
         rows.append(row)
     return rows
 
 
-def sweep_claims(rows: list[dict], wo_mta: Optional[float]) -> list[str]:
-    """Figure 7 read against our SSIM: does it decline as alpha grows; is MTA above wo_mta for
-    alpha < 0.9 and below it at 0.9."""
-    pts = [(r["alpha"], r["ssim"]) for r in rows if r.get("ssim") is not None]
-    if len(pts) < 2:
-        return ["- SSIM against alpha: fewer than two sweep members with SSIM, nothing to read"]
-    a, s = np.array(pts, dtype=np.float64).T
-    rho = pd.Series(a).corr(pd.Series(s), method="spearman")
-    shape = "falls at every step" if (np.diff(s) < 0).all() else "does not fall at every step"
-    lines = [f"- SSIM declines as alpha grows (paper): ours {fmt(float(s[0]))} at alpha {a[0]:g} -> "
-             f"{fmt(float(s[-1]))} at alpha {a[-1]:g}, {shape} (Spearman rho {fmt(float(rho), 2)})"]
-    if wo_mta is None:
-        lines.append("- MTA vs wo_mta: no wo_mta member, no level to compare with")
-        return lines
-    below = [f"{x:g}" for x, y in pts if x < 0.9 and y <= wo_mta]
-    above = [f"{x:g}" for x, y in pts if x < 0.9 and y > wo_mta]
-    lines.append(f"- MTA above wo_mta (SSIM {fmt(wo_mta)}) for every alpha < 0.9 (paper: yes): ours above at alpha "
-                 f"{', '.join(above) or 'none'}; at or below at {', '.join(below) or 'none'}")
-    at_09 = [y for x, y in pts if math.isclose(x, 0.9)]
-    if at_09:
-        lines.append(f"- alpha 0.9 below wo_mta (paper: yes): ours {'yes' if at_09[0] < wo_mta else 'no'} "
-                     f"({fmt(at_09[0])} vs {fmt(wo_mta)})")
-    return lines
-
-
-# ------------------------------------------------------------------------------------------- writing
 def fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
@@ -200,8 +148,12 @@ def fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def fmt_mean_std(mean, std) -> str:
-    return fmt(mean) if std is None or mean is None else f"{fmt(mean)} ± {fmt(std, 2)}"
+def fmt_ci(row: dict, key: str) -> str:
+    """``mean [low, high]`` (``mean`` alone for a pooled set metric)."""
+    mean, low, high = row.get(f"{key}_mean"), row.get(f"{key}_low"), row.get(f"{key}_high")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return fmt(mean) if low is None or high is None else f"{fmt(mean)} [{fmt(low, 3)}, {fmt(high, 3)}]"
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
@@ -223,85 +175,40 @@ def empty_figure(text: str, path: Path) -> Path:
     return path
 
 
-def plot_sweep(rows: list[dict], wo_mta: dict[str, Optional[float]], path: Path) -> Path:
-    """Each metric against alpha (Figure 7 is SSIM), the wo_mta level as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6))
-    for ax, metric in zip(axes.flat, METRICS):
-        pts = [(r["alpha"], r[metric.key]) for r in rows if r.get(metric.key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label="MCDM (MTA)")
-        if wo_mta.get(metric.key) is not None:
-            ax.axhline(wo_mta[metric.key], color="tab:red", linestyle="--", label="wo_mta")
-        backend = next((r[f"{metric.key}_backend"] for r in rows if r.get(f"{metric.key}_backend")), None)
-        arrow = "higher is better" if metric.higher_is_better else "lower is better"
-        ax.set(xlabel="alpha (Eq. 5)", ylabel=metric.label, title=f"{metric.label} ({arrow})")
-        if backend:
-            ax.set_title(f"{metric.label} ({arrow})\n{backend}", fontsize=7)
-        ax.grid(alpha=0.3)
-        if pts or wo_mta.get(metric.key) is not None:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle("alpha sweep (stage 3 retrained per alpha; paper Figure 7 is the SSIM panel)", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    return path
+def paper_table() -> list[str]:
+    """The paper's Tables 3-5 (TalkingFace-Wild) in their own table, beside nothing of ours."""
+    rows = [[v, PAPER_MEANING[v], *[fmt(PAPER_VARIANTS[v][m.key]) for m in METRICS]] for v in PAPER_VARIANTS]
+    head = [f"{m.label} ({'↑' if m.higher_is_better else '↓'})" for m in METRICS]
+    return [md_table(["paper's variant", "meaning", *head], rows)]
 
 
-def plot_variant_curves(members: list[dict], variants: Sequence[str], path: Path) -> Optional[Path]:
-    """Figure 5 across variants: each variant's long-term curve (mean over its seeds)."""
-
-    curves = {}
-    for variant in variants:
-        tables = [pd.read_csv(Path(m["_path"]) / "long_term.csv") for m in members
-                  if m["member"]["variant"] == variant and (Path(m["_path"]) / "long_term.csv").is_file()]
-        if tables:
-            curves[variant] = pd.concat(tables).groupby("frame", as_index=False).mean()
-    if not curves:
-        return None
-    return plot_long_term(curves, path, title="long-term generation per variant (ablation members, mean over seeds)")
-
-
-def ablations_markdown(rows: list[dict], members: list[dict], sweep: list[dict], params: Params) -> str:
-    metric_head = [f"{m.label} ({'↑' if m.higher_is_better else '↓'})" for m in METRICS]
+def ablations_markdown(rows: list[dict], members: list[dict], params: Params, claims: Optional[dict]) -> str:
+    metric_head = [f"{m.label} ({'↑' if m.higher_is_better else '↓'})" for m in (*ARM_METRICS, *LONG_TERM)]
+    level = (claims or {}).get("level", 0.95)
     lines = ["# Ablations and design variants (paper Tables 4-5)", "",
-             f"Each row: mean ± sample std over the seeds of its members (`mcdm ablate`), each retrained at "
-             f"{params.ablations.steps_fraction:g} of each stage's steps at alpha {params.ablations.alpha:g} and "
-             f"evaluated with `{json.dumps(params.ablations.eval)}` over the main line's eval settings; beside "
-             "it (after /) the paper's number. The `full` row is the full model retrained at that same budget, "
-             "not the main line.", ""]
-    body = []
-    for r in rows:
-        cells = [f"{fmt_mean_std(r[f'{m.key}_mean'], r[f'{m.key}_std'])} / {fmt(r.get(f'paper_{m.key}'))}" for m in METRICS]
-        body.append([r["variant"], PAPER_MEANING.get(r["variant"], ""), r["seeds"], r["retrained_stages"], *cells,
-                     fmt_mean_std(r["identity_mean"], r["identity_std"])])
-    lines.append(md_table(["variant", "meaning", "seeds", "retrained stages", *metric_head, "identity (↓)"], body))
+             f"Each row: the variant's members (`mcdm ablate`, seeds {list(params.ablations.seeds)}), each retrained at "
+             f"{params.ablations.steps_fraction:g} of each stage's steps at alpha {params.ablations.alpha:g} and evaluated "
+             f"with `{json.dumps(params.ablations.eval)}` over the main line's eval settings. Per-clip metrics: the mean "
+             f"over (clip, seed) units with its {level:.0%} bootstrap interval; FID, FVD and E-FID: the distance pooled "
+             "over all units (their paired differences have intervals in `claims.md`). The `full` row is the full "
+             "model retrained at that same budget, not the main line. The paper's numbers are in their own table "
+             "below and in `report.md`: they come from other networks and data, so only orderings compare.", ""]
+    body = [[r["variant"], PAPER_MEANING.get(r["variant"], ""), r["seeds"], fmt(r.get("units")), r["retrained_stages"],
+             *[fmt_ci(r, m.key) for m in (*ARM_METRICS, *LONG_TERM)]] for r in rows]
+    lines.append(md_table(["variant", "meaning", "seeds", "units (clips x seeds)", "retrained stages", *metric_head], body))
     backends = [f"{m.label}: `{next((r[f'{m.key}_backend'] for r in rows if r.get(f'{m.key}_backend')), 'n/a')}`"
-                for m in (*METRICS, IDENTITY)]
-    lines += ["", "Backends: " + "; ".join(backends) + ".", "",
-              "Whether the paper's ordering (full > wo_mta > wo_fpc > wo_fa, Table 4) holds on our means:", ""]
-    lines += [ordering_line(rows, m) for m in METRICS]
-    shares = [r["variant"] for r in rows if r["retrained_stages"] != "1 2 3"]
+                for m in ARM_METRICS]
+    lines += ["", "Backends: " + "; ".join(backends) + ".", ""]
+    shares = [r for r in rows if r["retrained_stages"] != "1 2 3"]
     if shares:
-        which = " and ".join(f"{r['variant']} (stages {r['retrained_stages']})" for r in rows if r["variant"] in shares)
-        lines += ["", f"Caveat: {which} retrain only those stages and take the others from the main line (trained "
-                  "at the full step count), while `full`, wo_fa, b1 and b2 retrain all three at the members' budget."]
-        same = [s for s in sweep if math.isclose(s["member"]["alpha"], params.ablations.alpha)]
-        if same:
-            s = same[0]
-            lines.append(f"The like-for-like reference of a stage-3-only member is the sweep member at alpha "
-                         f"{params.ablations.alpha:g} (`{s['member']['name']}`: the full model, stage 3 only, same "
-                         f"budget): " + ", ".join(f"{m.label} {fmt(s.get(m.key))}" for m in METRICS) + ".")
-    lines += ["", "## Members", ""]
+        which = " and ".join(f"{r['variant']} (stages {r['retrained_stages']})" for r in shares)
+        lines += [f"Caveat: {which} retrain only those stages and take the others from the main line (trained at the "
+                  "full step count), while `full`, wo_fa, b1 and b2 retrain all three at the members' budget.", ""]
+    lines += ["## The paper's numbers (TalkingFace-Wild)", "", *paper_table(), "", "## Members", ""]
     member_rows = [[m["member"]["name"], m["member"]["variant"], m["member"]["seed"], fmt(m["member"]["alpha"]),
                     " ".join(map(str, m["member"]["retrained_stages"])),
-                    *[fmt(m.get(x.key)) for x in (*METRICS, IDENTITY)], f"`{m.get('params_hash')}`",
+                    *[fmt(m.get(x.key)) for x in ARM_METRICS], fmt(m.get("failure_rate")), f"`{m.get('params_hash')}`",
                     fmt(m["member"].get("wall_s"))] for m in members]
-    lines.append(md_table(["member", "variant", "seed", "alpha", "retrained", *[m.label for m in (*METRICS, IDENTITY)],
-                           "params hash", "wall s"], member_rows))
+    lines.append(md_table(["member", "variant", "seed", "alpha", "retrained", *[m.label for m in ARM_METRICS],
+                           "face failure rate", "params hash", "wall s"], member_rows))
     return "\n".join(lines) + "\n"

@@ -5,8 +5,8 @@
    the frame the identity embedding of training came from) and ITS audio, in batches of
    ``eval.batch_size`` (optionally driven by the ground truth's landmarks, ``eval.use_landmarks``).
 2. Metrics (``MetricSuite`` backends: FID, FVD, SSIM, E-FID, identity, Sync-C/D), each one computed on
-   its own so that one that cannot be computed (e.g. no face found in generated frames) is recorded
-   as null with its reason instead of stopping the stage. In the same run, with the same backends,
+   its own so that one that cannot be computed (e.g. fewer than 2 ground-truth frames with a face) is
+   recorded as null with its reason instead of stopping the stage. In the same run, with the same backends,
    the trivial baselines: ``static_reference`` (the reference frame repeated: identity 0 by
    construction, a bound, decisions.md #20), ``ground_truth`` (ground truth vs itself: SSIM 1) and
    ``autoencoder`` (ground truth through the frozen VAE and back: what a denoiser that reproduced the
@@ -17,16 +17,24 @@
    autoencoder's. Ablation and sweep members
    (``baselines=False``) skip the baselines: they do not depend on the model, so the main line's
    ``evaluate`` measures them once for the report.
-3. Long-term curve (Figure 5, decisions.md #11): on the ``long_term``-flagged test clip(s), generate up to
-   ``eval.long_term_seconds`` and record SSIM against ground truth and the identity distance to the
-   reference (generated and ground truth) over the frame index, streaming (constant memory).
-   ``long_term_curve`` takes any pipeline and writes its own CSV, so the ablation matrix reuses it
-   per variant (``plot_long_term`` draws several curves in one figure).
+3. Long-term curve and windows (Figure 5, decisions.md #11; ``mcdm.eval.long_term``): on the
+   ``long_term``-flagged test clip(s), generate up to ``eval.long_term_seconds`` and record SSIM against
+   ground truth and the identity distance to the reference over the frame index, and SSIM, identity,
+   face failures and Sync-C/D per ``eval.long_term_window_seconds`` window, streaming (constant
+   memory). Every matrix member runs it too (the claims of Figure 5 compare variants on it).
 
-Outputs: ``<out>/metrics.json`` (flat ``metric``, ``metric_backend``, ... plus ``baselines``,
-``long_term``, ``checks``), ``<out>/eval_clips.csv`` (per clip), ``<out>/eval_grid.png`` (reference |
-ground truth and generated at several times), ``<out>/long_term.csv`` (``frame, ssim, identity,
-identity_gt``) + ``<out>/long_term.png``, and ``<samples>/*.mp4`` (generated clips with their audio).
+Generated frames without a face count against the model (``mcdm.eval.failures``): every face-based
+metric charges them and reports its failure rate beside it; no metric becomes null because the model
+lost its face. One more baseline, ``reversed_ground_truth`` (ground truth played backwards: real
+faces, wrong direction of time), shows which metrics see temporal order (FVD, Sync-C).
+
+Outputs (``mcdm.eval.metric_files``): ``<out>/metrics.json`` (the headline: the paper's six metrics,
+identity, failure rate, seconds per frame, which are fallbacks), ``<out>/metrics_details.json``
+(everything: backends, counts, ``baselines``, ``long_term``, ``checks``), ``<out>/features.npz`` (the
+Fréchet metrics' feature rows per clip, for the claims' bootstrap), ``<out>/eval_clips.csv`` (per
+clip), ``<out>/eval_grid.png`` (reference | ground truth and generated at several times),
+``<out>/long_term.csv`` + ``long_term_windows.csv`` + ``long_term.png``, and ``<samples>/*.mp4``
+(generated clips with their audio).
 """
 from __future__ import annotations
 
@@ -38,12 +46,13 @@ import pandas as pd
 
 from mcdm.config import Params
 from mcdm.errors import MissingStageOutput
-from mcdm.eval import metrics as M
 from mcdm.eval.long_term import long_term_curve
+from mcdm.eval.metric_files import write_metric_files
 from mcdm.eval.plots import frame_grid
+from mcdm.eval.suite import MetricSuite
 from mcdm.eval.test_set import generate_test_set, read_index, select_test_clips
 from mcdm.eval.video_metrics import comparison_checks, prefetch_faces, video_metrics
-from mcdm.media.files import jsonable, write_csv, write_json
+from mcdm.media.files import jsonable, write_csv
 from mcdm.media.io import write_video
 from mcdm.models.vae import reconstruct
 from mcdm.pipelines.loading import load_from_models_dir
@@ -54,8 +63,9 @@ STAGE = "evaluate"
 # ---------------------------------------------------------------------------------------------- metrics
 def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional[str | Path], out_dir: str | Path,
              samples_dir: str | Path, params: Params, pipe=None, progress: bool = True, baselines: bool = True) -> dict:
-    """Run the stage (see the module docstring); returns the content of metrics.json. ``baselines``
-    False: the model's metrics only (``baselines`` and ``checks`` null)."""
+    """Run the stage (see the module docstring); returns the full metrics (metrics_details.json).
+    ``baselines`` False: the model's metrics only (``baselines`` and ``checks`` null) and no ground
+    truth identity on the long-term clips (the main line measures both)."""
 
     out_dir, samples_dir = Path(out_dir), Path(samples_dir)
     p = params.eval
@@ -66,7 +76,7 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     pipe.check_variant(params.variant)
     if syncnet is not None and not Path(syncnet).exists():
         raise MissingStageOutput(syncnet, "syncnet_train")
-    suite = M.MetricSuite(p, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
+    suite = MetricSuite(p, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
 
     # 1. generate the test clips
     gen = generate_test_set(pipe, clips, params, progress)
@@ -76,22 +86,19 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     refs = np.stack([it["real"][0] for it in items])
     audios = [it["audio"] for it in items]
     # 2. metrics of the model and of the trivial baselines, same backends, same run
-    reconstructed = None
+    arms = {"model": fake}
     if baselines:
-        reconstructed = [reconstruct(pipe.vae, v) for v in real]
-    prefetch_faces(suite, [real, fake] + ([reconstructed] if baselines else []), params)
-    full, per_clip = video_metrics(suite, real, fake, refs, audios)
-    static = ground = autoencoder = None
-    static_clip = ground_clip = [{}] * len(items)
-    if baselines:
-        static_videos = [np.repeat(r[None], len(v), axis=0) for r, v in zip(refs, real)]
-        static, static_clip = video_metrics(suite, real, static_videos, refs, audios)
-        ground, ground_clip = video_metrics(suite, real, [v.copy() for v in real], refs, audios)
-        autoencoder, _ = video_metrics(suite, real, reconstructed, refs, audios)
+        arms.update(static_reference=[np.repeat(r[None], len(v), axis=0) for r, v in zip(refs, real)],
+                    ground_truth=[v.copy() for v in real], autoencoder=[reconstruct(pipe.vae, v) for v in real],
+                    reversed_ground_truth=[v[::-1].copy() for v in real])
+    prefetch_faces(suite, [real, fake] + ([arms["autoencoder"]] if baselines else []), params)
+    measured = {arm: video_metrics(suite, real, videos, refs, audios) for arm, videos in arms.items()}
+    full, per_clip, _ = measured["model"]
     rows = []
-    for it, own, st, gt in zip(items, per_clip, static_clip, ground_clip):
+    for i, (it, own) in enumerate(zip(items, per_clip)):
         rows.append({"clip_id": it["clip_id"], "long_term": it["long_term"], "n_frames": it["n"], **own,
-                     "static_sync_c": st.get("sync_c"), "ground_truth_sync_c": gt.get("sync_c"),
+                     **{f"{arm}_{k}": measured[arm][1][i].get(k) for arm in arms if arm != "model"
+                        for k in ("sync_c", "sync_d", "identity", "ssim")},
                      "gen_seconds": it["gen_seconds"]})
     write_csv(pd.DataFrame(rows), out_dir / "eval_clips.csv")
     # 3. pictures: the frame grid, sample mp4s with their audio
@@ -104,24 +111,25 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     for it in items[: p.n_samples]:
         write_video(samples_dir / f"{it['clip_id']}.mp4", it["fake"], fps=params.data.fps, audio=it["audio"],
                     audio_rate=params.data.audio_rate)
-    # 4. the long-term curve (Figure 5); eval.long_term_clips 0 skips it
+    # 4. the long-term curve and windows (Figure 5); eval.long_term_clips 0 skips them
     long_term = None
     if p.long_term_clips:
         long_term = long_term_curve(pipe, features_dir, out_dir / "long_term.csv", params,
                                     png_path=out_dir / "long_term.png", video_dir=samples_dir if p.n_samples else None,
-                                    faces=suite.faces, progress=progress)
+                                    suite=suite, progress=progress, windows_path=out_dir / "long_term_windows.csv",
+                                    ground_truth=baselines)
+    others = {arm: measured[arm][0] for arm in arms if arm != "model"}
     metrics = {
         **full,
-        "baselines": {"static_reference": static, "ground_truth": ground, "autoencoder": autoencoder}
-        if baselines else None,
-        "checks": comparison_checks(full, static, autoencoder) if baselines else None,
+        "failure_rate": full.get("identity_failure_rate"),
+        "baselines": others if baselines else None,
+        "checks": comparison_checks(full, others["static_reference"], others["autoencoder"]) if baselines else None,
         "long_term": long_term,
-        "variant": pipe.variant, "alpha": float(pipe.denoiser.config.alpha), "steps": p.steps,
+        "variant": pipe.variant, "alpha": float(pipe.denoiser.config.alpha), "steps": p.steps, "seed": params.seed,
         "params_hash": params.hash(), "checkpoint": pipe.config.provenance.get("source"),
-        "n_clips": len(items), "frames": gen["frames"],
+        "n_clips": len(items), "frames": gen["frames"], "clips": [it["clip_id"] for it in items],
         "generation_seconds": gen["seconds"], "seconds_per_frame": gen["seconds"] / max(gen["frames"], 1),
     }
-    write_json(jsonable(metrics), out_dir / "metrics.json")
-    return jsonable(metrics)
-
-
+    metrics = jsonable(metrics)
+    write_metric_files(metrics, out_dir, {arm: measured[arm][2] for arm in arms})
+    return metrics

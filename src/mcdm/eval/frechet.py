@@ -14,7 +14,8 @@ Two ways to get Tr((S_1 S_2)^{1/2}):
   complex, well defined when a covariance is singular (fewer samples than feature dimensions, the
   usual case for our small test sets), and much faster than ``sqrtm`` at 2048-d (scipy 1.17's
   ``sqrtm`` takes ~100 s for one 2048 x 2048 product on 2 cores; the eigen route ~10 s).
-- ``frechet_from_features`` with fewer samples than dimensions: the same trace from one SVD of the
+- ``frechet_from_features`` with at most ``SVD_MAX_ROWS`` samples in the smaller set (or fewer than
+  dimensions): the same trace from one SVD of the
   N1 x N2 product of the centred feature matrices (see there); the D x D matrices never appear.
 - ``method="sqrtm"``: pytorch-fid's algorithm verbatim in spirit: ``scipy.linalg.sqrtm(S_1 @ S_2)``;
   if the result is not finite (singular product), add ``eps * I`` to both covariances and retry;
@@ -31,9 +32,14 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from mcdm.errors import McdmError
+
+# one controller for the process: finding the BLAS libraries costs about 2 ms, paid once, not per distance
+# (the claims' bootstrap computes thousands of distances)
+_BLAS = ThreadpoolController()
+SVD_MAX_ROWS = 512  # below this many rows in the smaller set the N1 x N2 SVD beats the D x D eigen route
 
 
 def _features(features: np.ndarray) -> np.ndarray:
@@ -106,7 +112,7 @@ def frechet_distance(
     diff = mu1 - mu2
     if method not in ("eigh", "sqrtm"):
         raise McdmError(f"Fréchet distance: unknown method {method!r} (eigh or sqrtm)")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _BLAS.limit(limits=1, user_api="blas"):
         if method == "eigh":
             tr_covmean = trace_sqrt_product(sigma1, sigma2)
         else:
@@ -119,19 +125,20 @@ def frechet_distance(
 def frechet_from_features(real: np.ndarray, fake: np.ndarray, method: Literal["eigh", "sqrtm"] = "eigh") -> float:
     """Fréchet distance between Gaussians fitted to (N1, D) and (N2, D) feature sets.
 
-    With fewer samples than dimensions (``method="eigh"``) the D x D matrices are never formed:
+    With fewer samples than dimensions, or at most ``SVD_MAX_ROWS`` in the smaller set
+    (``method="eigh"``), the D x D matrices are never formed:
     with centred features A_1 (N1 x D), A_2 (N2 x D), S_i = A_i^T A_i / (N_i - 1), the non-zero
     eigenvalues of S_1 S_2 are the squared singular values of A_1 A_2^T / sqrt((N1 - 1)(N2 - 1))
     (eig(XY) = eig(YX) away from 0), so Tr((S_1 S_2)^{1/2}) is that matrix's nuclear norm: one
     SVD of an N1 x N2 matrix instead of two D x D eigen-decompositions. Exact, not an approximation.
     """
     x, y = _features(real), _features(fake)
-    if method != "eigh" or x.shape[1] != y.shape[1] or min(len(x), len(y)) > x.shape[1]:
+    if method != "eigh" or x.shape[1] != y.shape[1] or min(len(x), len(y)) > max(x.shape[1], SVD_MAX_ROWS):
         return frechet_distance(*feature_stats(x), *feature_stats(y), method=method)
     mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
     a1, a2 = x - mu1, y - mu2
     n1, n2 = len(x) - 1, len(y) - 1
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _BLAS.limit(limits=1, user_api="blas"):
         tr_covmean = float(np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()) / np.sqrt(n1 * n2)
     diff = mu1 - mu2
     # d^2 = ||mu_1 - mu_2||^2 + Tr(S_1) + Tr(S_2) - 2 Tr((S_1 S_2)^{1/2}),  Tr(S_i) = ||A_i||_F^2 / (N_i - 1)

@@ -2,8 +2,9 @@
 
 Every metric returns a ``MetricResult`` whose ``backend`` names what produced the number (the
 paper's network given by local path, or a labelled fallback; see ``mcdm.eval.detectors`` and ``mcdm.eval.landmark_features``), and
-``MetricSuite`` turns ``EvalParams`` into one flat ``{metric: value, metric + "_backend": label}``
-dict for metrics.json / MLflow / the report.
+``mcdm.eval.suite.MetricSuite`` turns ``EvalParams`` into one flat ``{metric: value, metric + "_backend":
+label}`` dict for metrics.json / MLflow / the report. Generated frames without a face count against
+the model (``mcdm.eval.failures``).
 
 Inputs: frames are RGB uint8 ``(N, H, W, 3)``; videos are sequences of ``(T, H, W, 3)`` (numpy or
 torch, channel-last).
@@ -17,18 +18,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mcdm.config import EvalParams
 from mcdm.errors import McdmError
 from mcdm.eval.detectors import Deep3DExpression, I3DFeatures, InceptionFeatures, as_frames, as_videos, split_clips
 from mcdm.eval.face_features import DlibDescriptorFeatures, DlibFrameFeatures
+from mcdm.eval.failures import finite_rows, penalised_features, penalised_identity
 from mcdm.eval.frechet import frechet_from_features
 from mcdm.eval.landmark_features import (
     DynamicsVideoFeatures,
     clip_dynamics_parts,
-    expression_template,
     fill_missing,
     landmark_expression_features,
 )
+from mcdm.eval.statistics import failure_rate
 from mcdm.models.sync.scoring import sync_scores
 from mcdm.models.sync.syncnet import load_syncnet
 
@@ -40,6 +41,9 @@ class MetricResult:
     backend: str
     n: int  # samples behind the value (frames, clips, windows)
     details: dict = field(default_factory=dict)  # counts worth reporting (e.g. frames without a face)
+    # the feature rows behind a Fréchet distance (``real``, ``fake``: NaN rows where no face was found),
+    # kept for the bootstrap over clips (mcdm.eval.claims); not part of ``flat``
+    rows: dict | None = None
 
     def flat(self) -> dict:
         out = {self.name: self.value, f"{self.name}_backend": self.backend, f"{self.name}_n": self.n}
@@ -47,21 +51,22 @@ class MetricResult:
         return out
 
 
-def _finite_rows(x: np.ndarray) -> np.ndarray:
-    return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-
-
 def _frechet_result(name: str, backend: str, real: np.ndarray, fake: np.ndarray, unit: str, details: dict) -> MetricResult:
-    """Fréchet distance of two feature sets whose NaN rows (no face) are dropped and counted."""
-    ok_r, ok_f = _finite_rows(real), _finite_rows(fake)
-    details = {**details, f"no_face_{unit}_real": int((~ok_r).sum()), f"no_face_{unit}_fake": int((~ok_f).sum())}
-    if ok_r.sum() < 2 or ok_f.sum() < 2:
-        raise McdmError(
-            f"{name}: need at least 2 {unit} with features in each set (real {int(ok_r.sum())}, fake {int(ok_f.sum())}; "
-            f"{details[f'no_face_{unit}_real']} / {details[f'no_face_{unit}_fake']} without a face)"
-        )
-    value = frechet_from_features(real[ok_r], fake[ok_f])
-    return MetricResult(name, value, backend, int(ok_f.sum()), details)
+    """Fréchet distance of two feature sets: real rows without a face are dropped and counted (the
+    data's), fake rows without a face are charged as the no-face point (the model's failures,
+    ``mcdm.eval.failures``) and their rate reported beside the value."""
+    if len(fake) < 2:
+        raise McdmError(f"{name}: need at least 2 generated {unit} (got {len(fake)})")
+    n_real = int(finite_rows(real).sum()) if len(real) else 0
+    if n_real < 2:
+        raise McdmError(f"{name}: need at least 2 real {unit} with a face (got {n_real} of {len(real)}): the ground "
+                        "truth, not the model, lacks faces")
+    real_ok, fake_pen, failed = penalised_features(real, fake)
+    details = {**details, f"no_face_{unit}_real": int(len(real) - n_real), f"no_face_{unit}_fake": int(failed.sum())}
+    rate = failure_rate(failed)
+    details.update(failure_rate=rate.value, failure_rate_low=rate.low, failure_rate_high=rate.high)
+    value = frechet_from_features(real_ok, fake_pen)
+    return MetricResult(name, value, backend, int(len(fake)), details, rows={"real": real, "fake": fake})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,64 +174,68 @@ def fvd(real_videos, fake_videos, backend: I3DFeatures | DynamicsVideoFeatures |
     """FVD over all non-overlapping ``clip_frames``-frame clips of the videos.
 
     ``backend``: an ``I3DFeatures`` (or the path of ``i3d_torchscript.pt``), else the
-    ``fvd-fallback:dlib-descriptor+landmark-dynamics`` features (landmark template from the real set).
+    ``fvd-fallback:dlib-descriptor+landmark-dynamics`` features, whose generated clips without
+    enough face are charged as failures (``mcdm.eval.failures``). ``rows`` also holds the video of
+    each clip (``real_video``, ``fake_video``).
     """
     if isinstance(backend, (str, Path)):
         backend = I3DFeatures(backend)
     backend = backend or DynamicsVideoFeatures(faces)
     real, fake = as_videos(real_videos, "real videos"), as_videos(fake_videos, "fake videos")
-    real_clips, _, short_r = split_clips(real, clip_frames)
-    fake_clips, _, short_f = split_clips(fake, clip_frames)
+    real_clips, where_r, short_r = split_clips(real, clip_frames)
+    fake_clips, where_f, short_f = split_clips(fake, clip_frames)
     details = {"short_videos_real": short_r, "short_videos_fake": short_f}
-    if isinstance(backend, I3DFeatures):
-        if len(real_clips) < 2 or len(fake_clips) < 2:
-            raise McdmError(f"fvd: need at least 2 clips of {clip_frames} frames per set "
-                            f"(real {len(real_clips)}, fake {len(fake_clips)})")
-        return _frechet_result("fvd", backend.label, backend(real_clips), backend(fake_clips), "clips", details)
-    template = backend.template(real_clips)
-    real_f, drop_r = backend(real_clips, template)
-    fake_f, drop_f = backend(fake_clips, template)
-    details.update(no_face_clips_real=drop_r, no_face_clips_fake=drop_f)
-    if len(real_f) < 2 or len(fake_f) < 2:
-        raise McdmError(
-            f"fvd: need at least 2 clips of {clip_frames} frames with a face per set (real {len(real_f)}, fake {len(fake_f)}; "
-            f"dropped {drop_r} / {drop_f} without a face, {short_r} / {short_f} videos too short)"
-        )
-    value = frechet_from_features(real_f, fake_f)
-    # the same distance on each part of the feature vector (not additive: the parts correlate)
-    for part, cols in clip_dynamics_parts(clip_frames).items():
-        details[f"part_{part}"] = frechet_from_features(real_f[:, cols], fake_f[:, cols])
-    return MetricResult("fvd", value, backend.label, len(fake_f), details)
+    if len(real_clips) < 2 or len(fake_clips) < 2:
+        raise McdmError(f"fvd: need at least 2 clips of {clip_frames} frames per set "
+                        f"(real {len(real_clips)}, fake {len(fake_clips)}; {short_r} / {short_f} videos too short)")
+    real_f, fake_f = backend(real_clips), backend(fake_clips)
+    result = _frechet_result("fvd", backend.label, real_f, fake_f, "clips", details)
+    result.rows.update(real_video=np.array([w[0] for w in where_r]), fake_video=np.array([w[0] for w in where_f]))
+    if isinstance(backend, DynamicsVideoFeatures):
+        # the same distance on each part of the feature vector (not additive: the parts correlate)
+        real_ok, fake_pen, _ = penalised_features(real_f, fake_f)
+        for part, cols in clip_dynamics_parts(clip_frames).items():
+            result.details[f"part_{part}"] = frechet_from_features(real_ok[:, cols], fake_pen[:, cols])
+    return result
 
 
 EFID_FALLBACK = "landmark-expression-offsets"
 
 
 def efid(real_landmarks, fake_landmarks, backend: Deep3DExpression | str | Path | None = None, *,
-         real_frames=None, fake_frames=None) -> MetricResult:
+         real_neutral=None, fake_neutral=None, real_frames=None, fake_frames=None) -> MetricResult:
     """E-FID: Fréchet distance of expression features.
 
-    Fallback (``backend=None``): ``landmark-expression-offsets`` of ``(N, 68, 2)`` landmarks, both
-    sets aligned to the real set's Procrustes template. With a ``Deep3DExpression`` (or its path),
-    the 64 Deep3DFaceRecon expression coefficients of ``real_frames`` / ``fake_frames``, cropped
-    around the landmarks. Frames whose landmarks are NaN (no face) are counted and left out.
+    Fallback (``backend=None``): ``landmark-expression-offsets`` of ``(N, 68, 2)`` landmarks, each frame
+    relative to its identity's neutral shape: ``real_neutral`` / ``fake_neutral``, (68, 2) or (N, 68, 2)
+    (the landmarks of the reference portrait of each frame's clip; a frame without one has no
+    offsets, so give one for every frame). With a ``Deep3DExpression`` (or its path), the 64
+    Deep3DFaceRecon expression coefficients of ``real_frames`` / ``fake_frames``, cropped around the
+    landmarks. Real frames without landmarks are dropped and counted; generated ones are charged as
+    failures (``mcdm.eval.failures``).
     """
     real_lm, fake_lm = np.asarray(real_landmarks, np.float64), np.asarray(fake_landmarks, np.float64)
     for what, lm in (("real", real_lm), ("fake", fake_lm)):
         if lm.ndim != 3 or lm.shape[1:] != (68, 2):
             raise McdmError(f"efid: {what} landmarks must be (N, 68, 2); got {lm.shape}")
-    ok_r, ok_f = _finite_rows(real_lm), _finite_rows(fake_lm)
+    ok_r, ok_f = finite_rows(real_lm), finite_rows(fake_lm)
     if isinstance(backend, (str, Path)):
         backend = Deep3DExpression(backend)
     if backend is None:
-        template = expression_template(real_lm[ok_r])
+        if real_neutral is None or fake_neutral is None:
+            raise McdmError("efid: the landmark fallback measures expression against each identity's neutral shape: "
+                            "give real_neutral and fake_neutral (the reference portrait's landmarks of each frame)")
+        neutral_r = np.broadcast_to(np.asarray(real_neutral, np.float64), real_lm.shape)
+        neutral_f = np.broadcast_to(np.asarray(fake_neutral, np.float64), fake_lm.shape)
+        ok_r, ok_f = ok_r & finite_rows(neutral_r), ok_f & finite_rows(neutral_f)
         feats_r = np.full((len(real_lm), 84), np.nan)
         feats_f = np.full((len(fake_lm), 84), np.nan)
         if ok_r.any():
-            feats_r[ok_r] = landmark_expression_features(real_lm[ok_r], template)
+            feats_r[ok_r] = landmark_expression_features(real_lm[ok_r], neutral_r[ok_r])
         if ok_f.any():
-            feats_f[ok_f] = landmark_expression_features(fake_lm[ok_f], template)
-        return _frechet_result("efid", EFID_FALLBACK, feats_r, feats_f, "frames", {})
+            feats_f[ok_f] = landmark_expression_features(fake_lm[ok_f], neutral_f[ok_f])
+        details = {}
+        return _frechet_result("efid", EFID_FALLBACK, feats_r, feats_f, "frames", details)
     if real_frames is None or fake_frames is None:
         raise McdmError(f"efid: backend {backend.label} needs real_frames and fake_frames beside the landmarks")
     real_fr, fake_fr = as_frames(real_frames, "real frames"), as_frames(fake_frames, "fake frames")
@@ -281,24 +290,33 @@ def identity_summary(curves, gt_curves=None, tail: float = 0.1) -> dict:
     """Mean identity distance, drift and frames without a face over one curve or a list of curves,
     beside ground truth's own distance to the reference when ``gt_curves`` are given.
 
-    ``identity`` pools all frames; ``identity_drift`` is the mean over videos of each video's drift.
+    A generated frame without a face is charged ``IDENTITY_FAILURE_DISTANCE`` (``mcdm.eval.failures``)
+    and counted (``identity_no_face_frames``, ``identity_failure_rate`` with its Wilson interval); a
+    ground-truth frame without one is left out (the data's). ``identity`` pools all frames;
+    ``identity_drift`` is the mean over videos of each video's drift.
     """
-    def one(cs, prefix):
+    def one(cs, prefix, charge):
         cs = [np.asarray(c, np.float64) for c in ([cs] if np.ndim(cs[0]) == 0 else cs)] if len(cs) else []
         if not cs or not sum(len(c) for c in cs):
             raise McdmError("identity: no frames to summarise")
         pooled = np.concatenate(cs)
-        drifts = np.array([curve_drift(c, tail) for c in cs])
-        return {
-            prefix: _nanmean(pooled),
-            f"{prefix}_drift": _nanmean(drifts),
-            f"{prefix}_no_face_frames": int((~np.isfinite(pooled)).sum()),
-            f"{prefix}_n": int(np.isfinite(pooled).sum()),
+        lost = ~np.isfinite(pooled)
+        values = [penalised_identity(c) for c in cs] if charge else cs
+        out = {
+            prefix: _nanmean(np.concatenate(values)),
+            f"{prefix}_drift": _nanmean(np.array([curve_drift(c, tail) for c in values])),
+            f"{prefix}_no_face_frames": int(lost.sum()),
+            f"{prefix}_n": int(len(pooled) if charge else (~lost).sum()),
         }
+        if charge:
+            rate = failure_rate(lost)
+            out.update({f"{prefix}_failure_rate": rate.value, f"{prefix}_failure_rate_low": rate.low,
+                        f"{prefix}_failure_rate_high": rate.high})
+        return out
 
-    out = one(curves, "identity")
+    out = one(curves, "identity", charge=True)
     if gt_curves is not None:
-        out.update(one(gt_curves, "identity_gt"))
+        out.update(one(gt_curves, "identity_gt", charge=False))
         out["identity_gap"] = out["identity"] - out["identity_gt"]
     out["identity_backend"] = IDENTITY_BACKEND
     return out
@@ -331,110 +349,3 @@ def sync_metrics(frames, audio, model, landmarks: np.ndarray | None = None, max_
         "sync_d": MetricResult("sync_d", float(scores["sync_dist"]), backend, n),
         "av_offset": MetricResult("av_offset", float(scores["av_offset"]), backend, n),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# the suite: backends chosen from EvalParams, one flat dict out
-
-
-class MetricSuite:
-    """All metrics of one evaluation run with the backends ``EvalParams`` selects.
-
-        suite = MetricSuite(params.eval, syncnet="models/syncnet")
-        row = suite.evaluate(real_videos, fake_videos, refs, audios)   # {"fid": ..., "fid_backend": ...}
-        base = suite.baselines(real_videos, refs, audios)              # static reference, GT vs itself
-
-    ``inception_path`` / ``i3d_path`` / ``deep3d_path`` switch FID / FVD / E-FID to the paper's
-    networks; otherwise the labelled dlib fallbacks run. FID, E-FID and identity use every
-    ``frame_stride``-th frame; FVD and SSIM use every frame. ``fps``: the videos' frame rate
-    (``data.fps``), the time unit of the FVD fallback's motion features; ``sync_max_offset``:
-    ``data.syncnet.max_offset``; ``syncnet``: a SyncNet or its path. One ``DlibFrameFeatures``
-    cache is shared by every metric and every call, so each distinct frame is analysed once per run.
-    """
-
-    def __init__(self, params: EvalParams, device: torch.device | str | None = None, syncnet=None,
-                 faces: DlibFrameFeatures | None = None, fps: float = 25.0, sync_max_offset: int = 15):
-        self.params = params
-        self.sync_max_offset = sync_max_offset
-        self.faces = faces or DlibFrameFeatures(min_side=params.dlib_min_side)
-        self.fid_backend = (
-            InceptionFeatures(params.inception_path, device) if params.inception_path
-            else DlibDescriptorFeatures(self.faces)
-        )
-        self.fvd_backend = (
-            I3DFeatures(params.i3d_path, device) if params.i3d_path
-            else DynamicsVideoFeatures(self.faces, descriptor_every=params.fvd_fallback_descriptor_every, fps=fps)
-        )
-        self.efid_backend = Deep3DExpression(params.deep3d_path, device) if params.deep3d_path else None
-        self.syncnet = load_sync_model(syncnet) if isinstance(syncnet, (str, Path)) else syncnet
-
-    @property
-    def backends(self) -> dict[str, str]:
-        return {
-            "fid": self.fid_backend.label,
-            "fvd": self.fvd_backend.label,
-            "efid": self.efid_backend.label if self.efid_backend else EFID_FALLBACK,
-            "ssim": SSIM_BACKEND,
-            "identity": IDENTITY_BACKEND,
-        }
-
-    def evaluate(self, real_videos, fake_videos, refs=None, audios=None) -> dict:
-        """Every metric of generated vs ground-truth videos (paired by index).
-
-        ``refs``: the reference portrait of each video (identity metrics); ``audios``: 16 kHz mono
-        audio of each video (Sync-C/D, needs ``syncnet``). Missing inputs skip those metrics.
-        """
-        real, fake = as_videos(real_videos, "real videos"), as_videos(fake_videos, "fake videos")
-        if len(real) != len(fake):
-            raise McdmError(f"evaluate: {len(real)} real videos but {len(fake)} generated")
-        stride = self.params.frame_stride
-        real_frames = np.concatenate([v[::stride] for v in real])
-        fake_frames = np.concatenate([v[::stride] for v in fake])
-        out: dict = {}
-        out.update(fid(real_frames, fake_frames, self.fid_backend).flat())
-        out.update(fvd(real, fake, self.fvd_backend, clip_frames=self.params.fvd_clip_frames).flat())
-        out.update(ssim_metric(real, fake).flat())
-        real_lm, fake_lm = self.faces.landmarks(real_frames), self.faces.landmarks(fake_frames)
-        out.update(efid(real_lm, fake_lm, self.efid_backend, real_frames=real_frames, fake_frames=fake_frames).flat())
-        if refs is not None:
-            refs = as_frames(refs, "reference images")
-            if len(refs) != len(fake):
-                raise McdmError(f"evaluate: {len(refs)} reference images for {len(fake)} videos")
-            curves = [identity_curve(r, v[::stride], self.faces) for r, v in zip(refs, fake)]
-            gt = [identity_curve(r, v[::stride], self.faces) for r, v in zip(refs, real)]
-            out.update(identity_summary(curves, gt, self.params.drift_tail))
-        if audios is not None:
-            out.update(self.sync(fake, audios))
-        return out
-
-    def sync(self, videos, audios) -> dict:
-        """Mean Sync-C / Sync-D / |AV offset| over videos (flat dict with backend and window count)."""
-        if self.syncnet is None:
-            raise McdmError("evaluate: Sync-C/D need a SyncNet (MetricSuite(..., syncnet=path or model))")
-        videos = as_videos(videos, "videos")
-        if len(audios) != len(videos):
-            raise McdmError(f"evaluate: {len(audios)} audio tracks for {len(videos)} videos")
-        per_video = [sync_metrics(v, a, self.syncnet, self.faces.landmarks(v), self.sync_max_offset)
-                     for v, a in zip(videos, audios)]
-        out = {}
-        for name in ("sync_c", "sync_d"):
-            values = np.array([r[name].value for r in per_video])
-            out.update(MetricResult(name, float(values.mean()), per_video[0][name].backend,
-                                    sum(r[name].n for r in per_video)).flat())
-        out["av_offset_abs"] = float(np.mean([abs(r["av_offset"].value) for r in per_video]))
-        return out
-
-    def baselines(self, real_videos, refs, audios=None) -> dict[str, dict]:
-        """Trivial rows computed in the same run with the same backends:
-
-        - ``static_reference``: each video replaced by its reference frame repeated (no motion);
-          identity 0 by construction, a bound rather than a target (decisions.md #20);
-        - ``ground_truth``: ground truth against itself (sanity: SSIM 1, FID / FVD / E-FID 0).
-        """
-        real = as_videos(real_videos, "real videos")
-        refs = as_frames(refs, "reference images")
-        static = [np.repeat(r[None], len(v), axis=0) for r, v in zip(refs, real)]
-        return {
-            "static_reference": self.evaluate(real, static, refs, audios),
-            "ground_truth": self.evaluate(real, real, refs, audios),
-        }

@@ -18,11 +18,13 @@ pipeline (``mcdm.pipelines.loading.load_from_models_dir``, ``eval.steps`` DDIM s
 other speech).
 
 Metrics, with ``evaluate``'s backends (``MetricSuite``); one that cannot be computed is null with its
-reason (``*_error``), like evaluate's ``_guard``:
+reason (``*_error``), like evaluate's ``guard``:
 * Sync-C / Sync-D of each generated video against its paired audio (SyncNet, decisions.md #22);
 * ``identity``: mean over every ``eval.frame_stride``-th generated frame of the dlib-descriptor
-  distance ``||d(frame) - d(portrait)||`` (decisions.md #20), beside ``identity_gt``: the same distance
-  for the portrait clip's own first n frames (the speaker's natural variation; other speech);
+  distance ``||d(frame) - d(portrait)||`` (decisions.md #20), a generated frame without a face charged
+  ``IDENTITY_FAILURE_DISTANCE`` (``mcdm.eval.failures``; the group's ``identity_failure_rate`` beside it),
+  beside ``identity_gt``: the same distance for the portrait clip's own first n frames (the speaker's
+  natural variation; other speech; frames without a face left out);
 * FID per audio language and overall (a set statistic, not a row's): Fréchet distance
   ``||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))`` between the features (dlib descriptor
   fallback, or Inception with ``eval.inception_path``) of the generated frames (every
@@ -50,8 +52,11 @@ from mcdm.config import Params
 from mcdm.data.features import load_landmarks
 from mcdm.errors import McdmError, MissingStageOutput
 from mcdm.eval import metrics as M
+from mcdm.eval.failures import penalised_identity
+from mcdm.eval.statistics import failure_rate
+from mcdm.eval.suite import MetricSuite
 from mcdm.eval.test_set import ClipFeatures, generate_batched, read_index
-from mcdm.eval.video_metrics import _guard
+from mcdm.eval.video_metrics import guard_flat
 from mcdm.media.files import jsonable, write_csv, write_json
 from mcdm.media.io import MediaError, read_audio, read_frames
 from mcdm.pipelines.loading import load_from_models_dir
@@ -63,7 +68,7 @@ ROW_METRICS = {"sync_c": "sync_error", "sync_d": "sync_error", "identity": "iden
                "identity_gt": "identity_gt_error"}
 TABLE_COLUMNS = ["portrait_clip_id", "portrait_identity", "portrait_language", "audio_clip_id", "audio_language",
                  "cross_language", "n_frames", "sync_c", "sync_d", "av_offset", "identity", "identity_gt",
-                 "identity_no_face_frames", "sync_backend", "identity_backend", "portrait_source", "audio_source",
+                 "identity_no_face_frames", "identity_frames", "sync_backend", "identity_backend", "portrait_source", "audio_source",
                  "sync_error", "identity_error", "identity_gt_error"]
 ALL = "all"  # the group of every pair in the summary
 
@@ -154,44 +159,49 @@ def generate_pairs(pipe, inputs: list[PairInputs], params: Params, progress: boo
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _mean_identity(portrait: np.ndarray, frames: np.ndarray, faces,
-                   what: str) -> tuple[Optional[float], Optional[int], Optional[str]]:
-    """(mean dlib distance of ``frames`` to ``portrait`` over the frames with a face, frames without one,
-    reason when there is no mean); no face in the portrait: nothing measured."""
+def _mean_identity(portrait: np.ndarray, frames: np.ndarray, faces, what: str,
+                   charge: bool) -> tuple[Optional[float], Optional[int], Optional[str]]:
+    """(mean dlib distance of ``frames`` to ``portrait``, frames without a face, reason when there is no
+    mean). ``charge``: frames without a face count as ``IDENTITY_FAILURE_DISTANCE`` (generated frames);
+    otherwise they are left out (the portrait clip's own). No face in the portrait: nothing measured."""
     try:
         curve = M.identity_curve(portrait, frames, faces)
     except McdmError as err:
         return None, None, str(err)
     ok = np.isfinite(curve)
+    if charge:
+        return float(penalised_identity(curve).mean()), int((~ok).sum()), None
     if not ok.any():
         return None, len(frames), f"{what}: no face found in any of the {len(frames)} frames"
     return float(curve[ok].mean()), int((~ok).sum()), None
 
 
-def pair_metrics(suite: M.MetricSuite, video: np.ndarray, x: PairInputs) -> dict:
+def pair_metrics(suite: MetricSuite, video: np.ndarray, x: PairInputs) -> dict:
     """Sync-C / Sync-D against the paired audio, identity to the portrait (and the portrait clip's own)."""
     stride = suite.params.frame_stride
-    sync = _guard("sync_c", "syncnet", lambda: suite.sync([video], [x.audio]))
-    identity, no_face, identity_error = _mean_identity(x.portrait, video[::stride], suite.faces, "identity")
+    sync = guard_flat("sync_c", "syncnet", lambda: suite.sync([video], [x.audio]))
+    identity, no_face, identity_error = _mean_identity(x.portrait, video[::stride], suite.faces, "identity", True)
     if x.portrait_frames is None:
         identity_gt, gt_error = None, "identity_gt: the portrait clip is not in data/features (its frames are not decoded)"
     else:
-        identity_gt, _, gt_error = _mean_identity(x.portrait, x.portrait_frames[::stride], suite.faces, "identity_gt")
+        identity_gt, _, gt_error = _mean_identity(x.portrait, x.portrait_frames[::stride], suite.faces, "identity_gt",
+                                                  False)
     return {"n_frames": len(video), "sync_c": sync.get("sync_c"), "sync_d": sync.get("sync_d"),
             "av_offset": sync.get("av_offset_abs"), "identity": identity, "identity_gt": identity_gt,
-            "identity_no_face_frames": no_face, "sync_backend": sync.get("sync_c_backend"),
+            "identity_no_face_frames": no_face, "identity_frames": len(video[::stride]),
+            "sync_backend": sync.get("sync_c_backend"),
             "identity_backend": M.IDENTITY_BACKEND, "sync_error": sync.get("sync_c_error"),
             "identity_error": identity_error, "identity_gt_error": gt_error}
 
 
-def group_fid(suite: M.MetricSuite, real: Optional[np.ndarray], videos: list[np.ndarray], real_error: Optional[str]) -> dict:
+def group_fid(suite: MetricSuite, real: Optional[np.ndarray], videos: list[np.ndarray], real_error: Optional[str]) -> dict:
     """FID of the generated frames of ``videos`` (every ``frame_stride``-th) against the training frames."""
     backend = suite.backends["fid"]
     if real is None or not videos:
         reason = real_error or "fid: no generated video in this group"
         return {"fid": None, "fid_backend": backend, "fid_error": reason}
     fake = np.concatenate([v[::suite.params.frame_stride] for v in videos])
-    return _guard("fid", backend, lambda: M.fid(real, fake, suite.fid_backend))
+    return guard_flat("fid", backend, lambda: M.fid(real, fake, suite.fid_backend))
 
 
 def _group_key(language) -> str:
@@ -219,6 +229,13 @@ def summarise(table: pd.DataFrame, fids: Optional[dict[str, dict]] = None) -> di
             reasons = sorted({str(r) for r in rows.loc[~ok, error_col] if isinstance(r, str) and r})
             if (~ok).any():
                 g[f"{metric}_error"] = "; ".join(reasons) or "not computed"
+        counts = [pd.to_numeric(rows.get(c, pd.Series(dtype=float)), errors="coerce").fillna(0).to_numpy(int)
+                  for c in ("identity_no_face_frames", "identity_frames")]
+        lost, frames = counts
+        if frames.sum():
+            rate = failure_rate(np.repeat([True, False], [lost.sum(), frames.sum() - lost.sum()]))
+            g.update(identity_failure_rate=rate.value, identity_failure_rate_low=rate.low,
+                     identity_failure_rate_high=rate.high)
         g.update(fids.get(name, {}))
         out[name] = g
     return out
@@ -245,7 +262,7 @@ def open_set(pairs_path: str | Path, features_dir: str | Path, models_dir: str |
     if pipe is None:
         pipe = load_from_models_dir(models_dir, params)
     pipe.check_variant(params.variant)
-    suite = M.MetricSuite(params.eval, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
+    suite = MetricSuite(params.eval, syncnet=syncnet, fps=params.data.fps, sync_max_offset=params.data.syncnet.max_offset)
 
     # 1. inputs: a pair whose clips cannot be read is a row of nulls with the reason
     rows, inputs = [], []

@@ -12,6 +12,7 @@ from mcdm.config import Params
 from mcdm.errors import McdmError
 from mcdm.media.layout import MODELS_LAYOUT, STAGE_JSON
 from mcdm.tracking import runs as tracking
+from mcdm.tracking.registry import promote_by_metric
 
 
 # ---------------------------------------------------------------------------------------------- tracking
@@ -58,12 +59,13 @@ def _model_version(client, params: Params, stage3: dict) -> tuple[Optional[str],
 
 def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, artifacts: list[str | Path], *,
                      stage: str = "evaluate", prefix: str = "eval.", promote: bool = True) -> dict:
-    """Log an evaluation to MLflow: a ``stage`` run (metrics + reports as artifacts); the metrics
-    also on the stage-3 run of the registered version, named ``<prefix><metric>``; then, with
-    ``promote``, ``champion`` moves by ``registry.primary_metric`` (main line only, decisions.md #16).
-    The open_set stage logs through here too (prefix ``open_set.``, no promotion). Returns what was done."""
+    """Log an evaluation to MLflow: a ``stage`` run (``metrics``' numbers as run metrics: evaluations
+    pass their headline, ``mcdm.eval.metric_files``, so the run table stays small; the reports, details
+    included, as artifacts); the same numbers also on the stage-3 run of the registered version, named
+    ``<prefix><metric>``; then, with ``promote``, ``champion`` moves by ``registry.primary_metric``
+    (main line only, decisions.md #16). The open_set stage logs through here too (prefix
+    ``open_set.``, no promotion). Returns what was done."""
     import warnings
-
 
     numbers = numeric_metrics(metrics)
     stage3 = _stage3_info(models_dir)
@@ -99,7 +101,7 @@ def track_evaluation(params: Params, metrics: dict, models_dir: str | Path, arti
         if value is None:
             done["promotion"] = f"{params.registry.primary_metric} is not available: version {version} not ranked"
             return done
-        champion = tracking.promote_by_metric(params, version, float(value), uri=uri)
+        champion = promote_by_metric(params, version, float(value), uri=uri)
         done["champion"] = champion
         done["promotion"] = f"version {version} {'is now' if champion else 'stays'} " \
                             f"{'champion' if champion else 'candidate'} ({params.registry.primary_metric} {value:.4g})"

@@ -1,6 +1,7 @@
 """The metrics of a set of generated videos against their ground truth, each guarded (a metric that
-cannot be computed is recorded as null with its reason), with a per-clip breakdown, and the checks
-of the model against the trivial baselines (decisions.md #20)."""
+cannot be computed is recorded as null with its reason), with a per-clip breakdown, the feature rows
+behind the Fréchet metrics (for the bootstrap over clips), and the checks of the model against the
+trivial baselines (decisions.md #20)."""
 from __future__ import annotations
 
 import math
@@ -12,16 +13,24 @@ from mcdm.config import Params
 from mcdm.data.parallel import stage_workers
 from mcdm.errors import McdmError
 from mcdm.eval import metrics as M
+from mcdm.eval.failures import penalised_identity
+from mcdm.eval.suite import MetricSuite
 
 IDENTITY_TOLERANCE = 0.05  # decisions.md #20: the full model's mean identity distance within this of ground truth's
+FRECHET = ("fid", "fvd", "efid")
 
 
-def _guard(name: str, backend: str, compute) -> dict:
+def guard(name: str, backend: str, compute):
     """One metric; a metric that cannot be computed becomes ``{name: None, name_error: reason}``."""
     try:
-        result = compute()
+        return compute()
     except McdmError as err:
         return {name: None, f"{name}_backend": backend, f"{name}_error": str(err)}
+
+
+def guard_flat(name: str, backend: str, compute) -> dict:
+    """``guard`` as a flat dict (a ``MetricResult``'s ``flat()``)."""
+    result = guard(name, backend, compute)
     return result.flat() if isinstance(result, M.MetricResult) else result
 
 
@@ -41,7 +50,7 @@ def descriptor_frames(n: int, stride: int, clip_frames: int, descriptor_every: i
     return want
 
 
-def prefetch_faces(suite: M.MetricSuite, video_sets: list[list[np.ndarray]], params: Params) -> int:
+def prefetch_faces(suite: MetricSuite, video_sets: list[list[np.ndarray]], params: Params) -> int:
     """Analyse every frame of ``video_sets`` that the metrics will (landmarks on all, descriptors per
     :func:`descriptor_frames`) in ``data.workers`` processes before the metrics run, when there are
     at least ``eval.parallel_faces_min_frames`` of them. Returns the number of frames analysed."""
@@ -58,58 +67,58 @@ def prefetch_faces(suite: M.MetricSuite, video_sets: list[list[np.ndarray]], par
                                 min_frames=p.parallel_faces_min_frames)
 
 
-def video_metrics(suite: M.MetricSuite, real: list, fake: list, refs: np.ndarray, audios: list) -> tuple[dict, list[dict]]:
+def video_metrics(suite: MetricSuite, real: list, fake: list, refs: np.ndarray,
+                  audios: list) -> tuple[dict, list[dict], dict[str, dict]]:
     """``MetricSuite.evaluate``'s metrics, each guarded, plus a per-clip breakdown.
 
-    Returns (pooled flat dict, one dict per clip: ssim, identity, identity_gt, identity_drift,
-    no_face_frames, sync_c, sync_d, av_offset).
+    Returns (pooled flat dict; one dict per clip: ssim, identity (generated frames without a face
+    charged, ``mcdm.eval.failures``), identity_gt, identity_drift, no_face_frames, face_frames,
+    sync_c, sync_d, av_offset; and per Fréchet metric its feature rows ``real``, ``fake`` with the
+    video of each row ``real_video``, ``fake_video``).
     """
-    p = suite.params
-    stride = p.frame_stride
     backends = suite.backends
-    real_frames = np.concatenate([v[::stride] for v in real])
-    fake_frames = np.concatenate([v[::stride] for v in fake])
     out: dict = {}
-    out.update(_guard("fid", backends["fid"], lambda: M.fid(real_frames, fake_frames, suite.fid_backend)))
-    out.update(_guard("fvd", backends["fvd"], lambda: M.fvd(real, fake, suite.fvd_backend, clip_frames=p.fvd_clip_frames)))
-    out.update(_guard("ssim", backends["ssim"], lambda: M.ssim_metric(real, fake)))
-
-    def efid():
-        real_lm, fake_lm = suite.faces.landmarks(real_frames), suite.faces.landmarks(fake_frames)
-        return M.efid(real_lm, fake_lm, suite.efid_backend, real_frames=real_frames, fake_frames=fake_frames)
-
-    out.update(_guard("efid", backends["efid"], efid))
+    rows: dict[str, dict] = {}
+    stride = suite.params.frame_stride
+    owners = [np.repeat(np.arange(len(vs)), [len(v[::stride]) for v in vs]) for vs in (real, fake)]
+    for name, compute in (("fid", lambda: suite.fid(real, fake)), ("fvd", lambda: suite.fvd(real, fake)),
+                          ("efid", lambda: suite.efid(real, fake, refs))):
+        result = guard(name, backends[name], compute)
+        out.update(result.flat() if isinstance(result, M.MetricResult) else result)
+        if isinstance(result, M.MetricResult) and result.rows is not None:
+            rows[name] = {"real_video": owners[0], "fake_video": owners[1], **result.rows}
+    out.update(guard_flat("ssim", backends["ssim"], lambda: M.ssim_metric(real, fake)))
     per_clip = [{"ssim": float(np.mean(M.ssim_curve(r, f)))} for r, f in zip(real, fake)]
     try:
-        curves = [M.identity_curve(ref, v[::stride], suite.faces) for ref, v in zip(refs, fake)]
-        gt = [M.identity_curve(ref, v[::stride], suite.faces) for ref, v in zip(refs, real)]
-        out.update(M.identity_summary(curves, gt, p.drift_tail))
-        if not math.isfinite(out["identity"]):
-            out["identity_error"] = f"identity: no face found in any of the {out['identity_no_face_frames']} frames"
+        curves, gt = suite.identity_curves(refs, fake), suite.identity_curves(refs, real)
+        out.update(M.identity_summary(curves, gt, suite.params.drift_tail))
         for row, c, g in zip(per_clip, curves, gt):
-            row.update(identity=_nanmean(c), identity_gt=_nanmean(g), identity_drift=M.curve_drift(c, p.drift_tail),
-                       no_face_frames=int((~np.isfinite(c)).sum()))
+            charged = penalised_identity(c)
+            row.update(identity=float(charged.mean()), identity_gt=_nanmean(g),
+                       identity_drift=M.curve_drift(charged, suite.params.drift_tail),
+                       no_face_frames=int((~np.isfinite(c)).sum()), face_frames=int(len(c)))
     except McdmError as err:
         out.update({"identity": None, "identity_backend": backends["identity"], "identity_error": str(err)})
     if suite.syncnet is not None and audios is not None:
-        rows = [_guard("sync_c", "syncnet", lambda v=v, a=a: suite.sync([v], [a])) for v, a in zip(fake, audios)]
-        for row, s in zip(per_clip, rows):
-            row.update(sync_c=s.get("sync_c"), sync_d=s.get("sync_d"), av_offset=s.get("av_offset_abs"))
-        ok = [s for s in rows if s.get("sync_c") is not None]
+        results = [guard("sync_c", "syncnet", lambda v=v, a=a: suite.sync_one(v, a)) for v, a in zip(fake, audios)]
+        ok = [r for r in results if isinstance(r["sync_c"], M.MetricResult)]
+        for row, r in zip(per_clip, results):
+            if isinstance(r["sync_c"], M.MetricResult):
+                row.update(sync_c=r["sync_c"].value, sync_d=r["sync_d"].value, av_offset=abs(r["av_offset"].value))
         if ok:  # the pooled values as MetricSuite.sync computes them (mean over videos)
-            out.update({"sync_c": float(np.mean([s["sync_c"] for s in ok])), "sync_c_backend": ok[0]["sync_c_backend"],
-                        "sync_c_n": int(sum(s["sync_c_n"] for s in ok)),
-                        "sync_d": float(np.mean([s["sync_d"] for s in ok])), "sync_d_backend": ok[0]["sync_d_backend"],
-                        "sync_d_n": int(sum(s["sync_d_n"] for s in ok)),
-                        "av_offset_abs": float(np.mean([s["av_offset_abs"] for s in ok]))})
+            for name in ("sync_c", "sync_d"):
+                out.update({name: float(np.mean([r[name].value for r in ok])), f"{name}_backend": ok[0][name].backend,
+                            f"{name}_n": int(sum(r[name].n for r in ok))})
+            out["av_offset_abs"] = float(np.mean([abs(r["av_offset"].value) for r in ok]))
         else:
-            out.update({"sync_c": None, "sync_d": None, "sync_c_error": rows[0].get("sync_c_error", "no clip")})
-    return out, per_clip
+            out.update({"sync_c": None, "sync_d": None, "sync_c_error": results[0].get("sync_c_error", "no clip")})
+    return out, per_clip, rows
 
 
 def comparison_checks(full: dict, static: dict, autoencoder: Optional[dict] = None) -> dict:
     """decisions.md #20: beat the static reference on Sync-C and FVD; identity mean within 0.05 of ground
-    truth's; and, beside it, within 0.05 of the autoencoder ceiling's (ground truth through the VAE)."""
+    truth's; and, beside it, within 0.05 of the autoencoder ceiling's (ground truth through the VAE).
+    Point values only: ``mcdm.eval.claims`` answers the same questions with confidence intervals."""
     def beats(metric: str, higher: bool):
         a, b = full.get(metric), static.get(metric)
         if a is None or b is None:
@@ -117,7 +126,7 @@ def comparison_checks(full: dict, static: dict, autoencoder: Optional[dict] = No
         return bool(a > b) if higher else bool(a < b)
 
     def identity_within(other: Optional[float]):
-        if full.get("identity") is None or other is None:
+        if full.get("identity") is None or other is None or not math.isfinite(other):
             return None
         return bool(abs(full["identity"] - other) <= IDENTITY_TOLERANCE)
 

@@ -19,14 +19,20 @@ stage 1's landmark guider, so it is retrained whenever stage 1 is (and for wo_fp
 fits audio tokens instead of the motion prior). A member's seed seeds the stages it retrains; the
 stages it takes were trained at the main line's seed.
 
+Every member generates with the generator seeded by its seed, so members of one seed see the same
+noise on the same clips (the claims pair them, ``mcdm.eval.claims``), and every member, ablation or
+sweep, is also measured on the long-term clips (``ablations.eval``: ``long_term_seconds``,
+``long_term_clips``), per time window.
+
 Members never register model versions (:func:`mcdm.tracking.runs.ablation_member`); their MLflow runs
-carry the tags ``variant``, ``seed``, ``alpha`` and ``ablation_member``.
+carry the tags ``variant``, ``seed``, ``alpha``, ``ablation_member`` and ``member_kind`` and are named
+``<stage> [ablation|sweep <member>: ...]``.
 
 Outputs: ``<out>/stage<k>/`` for each retrained stage (the same folders ``mcdm train`` exports),
-``<reports>/metrics.json`` (``evaluate``'s metrics plus ``member``: kind, variant, seed, alpha, the
-stages retrained and taken, their steps, losses and times), ``eval_clips.csv``, ``eval_grid.png``,
-``long_term.csv`` / ``.png`` (ablation members only: the sweep plots metrics over alpha), and the sample
-mp4s in ``<samples>``.
+``<reports>/metrics.json`` (the headline, ``mcdm.eval.metric_files``), ``metrics_details.json``
+(``evaluate``'s metrics plus ``member``: kind, variant, seed, alpha, the stages retrained and taken,
+their steps, losses and times), ``features.npz``, ``eval_clips.csv``, ``eval_grid.png``,
+``long_term.csv`` / ``long_term_windows.csv`` / ``.png``, and the sample mp4s in ``<samples>``.
 """
 from __future__ import annotations
 
@@ -37,8 +43,8 @@ from typing import Optional
 from mcdm.config import Params, deep_merge, validate
 from mcdm.errors import McdmError, MissingStageOutput
 from mcdm.eval.evaluate import evaluate
+from mcdm.eval.metric_files import DETAILS_JSON, FEATURES_NPZ, METRICS_JSON, headline, write_metric_files
 from mcdm.eval.record import track_evaluation
-from mcdm.media.files import write_json
 from mcdm.media.layout import MODELS_LAYOUT
 from mcdm.pipelines.loading import load_from_models_dir
 from mcdm.tracking import runs as mlflow_tracking
@@ -82,18 +88,15 @@ def scaled_steps(steps: int, fraction: float) -> int:
 def member_params(params: Params, variant: str, seed: int, alpha: Optional[float]) -> Params:
     """The main line's params with the member's variant, seed and alpha (``ablations.alpha`` for an
     ablation member), every stage's steps and warm-up scaled by ``ablations.steps_fraction``, and the
-    ``ablations.eval`` keys over ``eval``; a sweep member skips the long-term curve (``long_term_clips`` 0)."""
+    ``ablations.eval`` keys over ``eval`` (ablation and sweep members alike)."""
     fraction = params.ablations.steps_fraction
     train = {}
     for k in STAGES:
         sp = getattr(params.train, f"stage{k}")
         train[f"stage{k}"] = {"steps": scaled_steps(sp.steps, fraction),
                               "warmup_steps": int(round(sp.warmup_steps * fraction))}
-    member_eval = dict(params.ablations.eval)
-    if member_kind(alpha) == SWEEP:  # Figure 7 plots metrics over alpha; the long-term curves are the variants'
-        member_eval["long_term_clips"] = 0
     overlay = {"variant": variant, "seed": seed, "alpha": params.ablations.alpha if alpha is None else alpha,
-               "train": train, "eval": member_eval}
+               "train": train, "eval": dict(params.ablations.eval)}
     return validate(deep_merge(params.model_dump(mode="json"), overlay), "ablation member")
 
 
@@ -118,7 +121,7 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
                features: str | Path, models: str | Path, syncnet: Optional[str | Path], out: str | Path,
                reports: str | Path, samples: str | Path, checkpoints: str | Path, *, tracking: bool = True,
                progress: bool = True) -> dict:
-    """Train the member's stages, evaluate it, write ``<reports>/metrics.json``; returns its content.
+    """Train the member's stages, evaluate it, write its metric files; returns its full metrics.
 
     ``params``: the main line's (params.yaml). ``variant`` / ``seed`` default to the main line's
     (a sweep member sweeps the main line's variant at its seed); ``alpha`` None makes an ablation
@@ -141,7 +144,7 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
             raise MissingStageOutput(models / folder, stage)
     name = out.name
     train: dict[str, dict] = {}
-    with mlflow_tracking.ablation_member(name):
+    with mlflow_tracking.ablation_member(name, kind):
         for k in retrained:  # 1. the stages the variant changes, in order, each reading the previous ones
             inputs = StageInputs(features=features, base=models / "base", motion_encoders=models / "motion_encoders",
                                  prev=tuple(folders[j] for j in STAGES if j < k))
@@ -160,10 +163,11 @@ def run_member(params: Params, variant: Optional[str], seed: Optional[int], alph
             "steps": {f"stage{k}": getattr(mp.train, f"stage{k}").steps for k in retrained},
             "train": train, "main_line_params_hash": params.hash(), "wall_s": round(time.time() - started, 2),
         }
-        write_json(metrics, reports / "metrics.json")
+        write_metric_files(metrics, reports)  # the headline again, the details now with the member block
         if tracking:
-            artifacts = [reports / f for f in ("metrics.json", "eval_clips.csv", "eval_grid.png", "long_term.csv",
-                                                "long_term.png") if (reports / f).is_file()] + [samples]
-            done = track_evaluation(mp, metrics, out, artifacts)
+            files = (METRICS_JSON, DETAILS_JSON, FEATURES_NPZ, "eval_clips.csv", "eval_grid.png", "long_term.csv",
+                     "long_term_windows.csv", "long_term.png")
+            artifacts = [reports / f for f in files if (reports / f).is_file()] + [samples]
+            done = track_evaluation(mp, headline(metrics), out, artifacts)
             print(f"{name}: mlflow run {done.get('run_id')}; {done.get('promotion', '')}")
     return metrics

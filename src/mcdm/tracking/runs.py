@@ -65,6 +65,7 @@ from mcdm.tracking.store import (
 
 PARENT_RUN_ENV = "MCDM_PARENT_RUN_ID"
 MEMBER_ENV = "MCDM_ABLATION_MEMBER"  # set while an ablation / sweep member runs: never the main line
+MEMBER_KIND_ENV = "MCDM_MEMBER_KIND"  # "ablation" or "sweep", beside MEMBER_ENV
 METRIC_FLUSH_SECONDS = 5.0
 METRIC_FLUSH_COUNT = 500
 
@@ -120,7 +121,17 @@ def run_tags(params, stage: str) -> dict[str, str]:
         tags["dvc_stage"] = os.environ["DVC_STAGE"]
     if os.environ.get(MEMBER_ENV):
         tags["ablation_member"] = os.environ[MEMBER_ENV]
+        tags["member_kind"] = os.environ.get(MEMBER_KIND_ENV, "")
     return tags
+
+
+def run_name(params, stage: str) -> str:
+    """``<stage> [<line>: <variant> alpha=<alpha> seed=<seed>]``, where the line is ``main line``, or
+    ``ablation <member>`` / ``sweep <member>`` inside :func:`ablation_member`: the three read apart
+    in MLflow's run table (a ``full`` ablation member trains the same variant as the main line)."""
+    member = os.environ.get(MEMBER_ENV)
+    line = f"{os.environ.get(MEMBER_KIND_ENV) or 'member'} {member}" if member else "main line"
+    return f"{stage} [{line}: {params.variant} alpha={params.alpha} seed={params.seed}]"
 
 
 def is_main_line(params) -> bool:
@@ -132,18 +143,20 @@ def is_main_line(params) -> bool:
 
 
 @contextlib.contextmanager
-def ablation_member(name: str) -> Iterator[None]:
-    """Runs inside the block belong to the matrix member ``name``: tagged ``ablation_member``, never
+def ablation_member(name: str, kind: str = "ablation") -> Iterator[None]:
+    """Runs inside the block belong to the matrix member ``name`` of ``kind`` (``ablation`` or
+    ``sweep``): tagged ``ablation_member`` and ``member_kind``, named after it (:func:`run_name`), never
     the main line (no registry version, no champion), also in child processes (the environment)."""
-    saved = os.environ.get(MEMBER_ENV)
-    os.environ[MEMBER_ENV] = name
+    saved = {key: os.environ.get(key) for key in (MEMBER_ENV, MEMBER_KIND_ENV)}
+    os.environ[MEMBER_ENV], os.environ[MEMBER_KIND_ENV] = name, kind
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(MEMBER_ENV, None)
-        else:
-            os.environ[MEMBER_ENV] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,9 +331,8 @@ def stage_run(params, stage: str, *, tags: Optional[Mapping[str, Any]] = None) -
         yield NullTracker()
         return
     all_tags = {**run_tags(params, stage), **{k: str(v) for k, v in (tags or {}).items()}}
-    name = f"{stage} [{params.variant} alpha={params.alpha} seed={params.seed}]"
     tracker = Tracker(stage=stage, experiment=params.tracking.experiment, tags=all_tags,
-                      params=flatten_params(params.model_dump(mode="json")), run_name=name,
+                      params=flatten_params(params.model_dump(mode="json")), run_name=run_name(params, stage),
                       system_metrics=params.tracking.system_metrics_interval if params.tracking.system_metrics else None)
     status = "FAILED"
     try:

@@ -13,6 +13,23 @@ audio window (positive) and with the same clip's audio shifted by ``s`` frames, 
 Clips are held out by source (identity) to report, on clips never trained on: pair AUC / accuracy of
 in-sync vs shifted windows, and how often the offset search finds the true offset (|offset| <= 1).
 The report states how many planted out-of-sync clips (sample data ground truth) were trained on.
+
+Two folds, so that no clip is measured by a SyncNet that saw it (:func:`syncnet_folds`). The stage runs
+before the sync filter and the split, so it decides the split's roles itself, with the split's own
+function on the same clips (``mcdm.data.split.clip_roles``: the split stage decides them on
+``data/quality/kept.parquet`` too):
+
+* ``metric`` fold: the training split's clips. The SyncNet trained on it (``<out>/``) measures Sync-C /
+  Sync-D in evaluation and scores the other fold in the sync filter: it never saw a test, open-set or
+  long-term clip, nor the identity of a regular test clip or of the open set. (A long-term clip's
+  identity may have regular clips in training, as for the generator: the split keeps long-term
+  videos whole for the long-term curve, not apart by identity; the unseen-identity test is the open
+  set.)
+* ``cross_fit`` fold: every other clip (test, long-term, open-set). The SyncNet trained on it
+  (``<out>/cross_fit/``) scores the ``metric`` fold in the sync filter.
+
+``<out>/training_clips.csv`` lists every clip with its group, split role, fold and what its fold's
+SyncNet did with it (``trained``, ``held_out`` for the accuracy report, ``unusable``).
 """
 from __future__ import annotations
 
@@ -34,7 +51,8 @@ from tqdm.auto import tqdm
 
 from mcdm.config import Params, SyncNetParams
 from mcdm.data.parallel import Crashed, map_videos
-from mcdm.data.sync_filter import read_sync_clip
+from mcdm.data.split import TRAIN, clip_roles
+from mcdm.data.sync_filter import CROSS_FIT_DIR, FOLD_TABLE, read_sync_clip
 from mcdm.errors import McdmError
 from mcdm.media.files import read_table, write_csv, write_json
 from mcdm.media.io import AUDIO_RATE, MediaError, read_audio, read_frames
@@ -250,6 +268,7 @@ def train_syncnet(model: SyncNet, clips: Sequence[SyncClip], params: SyncNetPara
         "heldout_clips": len(held),
         "planted_out_of_sync_in_train": int(sum(c.planted_shift_s != 0 for c in train)),
         "planted_out_of_sync_in_heldout": int(sum(c.planted_shift_s != 0 for c in held)),
+        "clip_use": {**{c.clip_id: "trained" for c in train}, **{c.clip_id: "held_out" for c in held}},
     }
     metrics.update(heldout_metrics(model, train, held, params, seed))
     return model, metrics
@@ -272,11 +291,37 @@ def planted_shifts(clips: pd.DataFrame, manifest: pd.DataFrame | None) -> np.nda
     return np.array([by_file.get(f, 0.0) for f in clips["file"].astype(str)], float)
 
 
-def _save_model(model, out_dir: Path) -> None:
+METRIC, CROSS_FIT = "metric", "cross_fit"
+
+
+def syncnet_folds(clips: pd.DataFrame, params: Params) -> pd.DataFrame:
+    """``clips`` with ``group``, ``role`` (the split's, ``mcdm.data.split.clip_roles``) and ``fold``:
+    ``metric`` for the training split's clips, ``cross_fit`` for the rest (module docstring)."""
+    roled = clip_roles(clips, params)
+    roled["fold"] = np.where(roled["role"] == TRAIN, METRIC, CROSS_FIT)
+    return roled
+
+
+def _train_fold(usable: list[SyncClip], params: Params) -> tuple[SyncNet | None, dict]:
+    """One fold's SyncNet and metrics (None and a reason when the fold has no clip long enough)."""
+    torch.manual_seed(params.seed)
+    try:
+        return train_syncnet(new_syncnet(params.data.syncnet), usable, params.data.syncnet, seed=params.seed)
+    except ValueError as err:
+        return None, {"backend": "syncnet_trained", "not_trained": str(err), "clip_use": {}}
+
+
+def _save_models(models: dict, out_dir: Path, metrics: dict, table: pd.DataFrame, offsets: pd.DataFrame) -> None:
+    """The whole folder written under a temporary name, then renamed."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    models[METRIC].save_pretrained(tmp, safe_serialization=True)
+    if models.get(CROSS_FIT) is not None:
+        models[CROSS_FIT].save_pretrained(tmp / CROSS_FIT_DIR, safe_serialization=True)
+    write_json(metrics, tmp / "metrics.json")
+    write_csv(table, tmp / FOLD_TABLE)
+    write_csv(offsets, tmp / "heldout_offsets.csv")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -284,8 +329,10 @@ def _save_model(model, out_dir: Path) -> None:
 
 def run_syncnet_train(clips_path: str | os.PathLike, out_dir: str | os.PathLike, params: Params,
                       manifest_path: str | os.PathLike | None = None) -> dict:
-    """The ``syncnet_train`` stage: train on the face-filtered clips (or convert the official weights
-    given by ``data.syncnet.weights``), save ``save_pretrained`` + ``metrics.json`` + ``heldout_offsets.csv``."""
+    """The ``syncnet_train`` stage: train the two folds' SyncNets (module docstring) on the
+    face-filtered clips, or convert the official weights given by ``data.syncnet.weights`` (never
+    trained here: one network for everything); save ``save_pretrained`` (+ ``cross_fit/``),
+    ``metrics.json``, ``training_clips.csv`` and ``heldout_offsets.csv``."""
     sp = params.data.syncnet
     clips = read_table(clips_path, "quality")
     if len(clips) == 0:
@@ -293,8 +340,10 @@ def run_syncnet_train(clips_path: str | os.PathLike, out_dir: str | os.PathLike,
     manifest = None
     if manifest_path is not None and Path(manifest_path).is_file():
         manifest = pd.read_csv(manifest_path, dtype={"file": str}, keep_default_na=False)
-    clips = clips.assign(planted_shift_s=planted_shifts(clips, manifest))
+    clips = syncnet_folds(clips.assign(planted_shift_s=planted_shifts(clips, manifest)), params)
     out_dir = Path(out_dir)
+    models: dict[str, object] = {}
+    use = {}
     if sp.weights:  # official SyncNet: convert to our folder format, score every clip, no training
         model = load_syncnet(sp.weights)
         rows, skipped = [], []
@@ -309,25 +358,40 @@ def run_syncnet_train(clips_path: str | os.PathLike, out_dir: str | os.PathLike,
         metrics = {"backend": "syncnet_official", "weights": str(sp.weights), "clips_scored": len(rows),
                    "clean_offset_within_1": float(np.mean([abs(r["av_offset"]) <= 1 for r in clean])) if clean else None,
                    "clean_median_sync_conf": float(np.median([r["sync_conf"] for r in clean])) if clean else None}
-        offsets = rows
+        offsets, models[METRIC] = rows, model
+        use = {i: "official weights (not trained here)" for i in clips["clip_id"]}
     else:
         mouth_size = (sp.mouth_height, sp.mouth_width)
         loaded = map_videos(partial(load_clip, mouth_size=mouth_size), clips.to_dict("records"),
                             workers=params.data.workers, address=params.data.dask_address, desc="syncnet inputs",
                             cost=lambda r: float(r.get("n_frames") or 0))
-        usable = [c for c in loaded if isinstance(c, SyncClip)]
+        usable = {r["clip_id"]: c for r, c in zip(clips.to_dict("records"), loaded) if isinstance(c, SyncClip)}
         skipped = [(r["clip_id"], c.reason) for r, c in zip(clips.to_dict("records"), loaded) if isinstance(c, Crashed)]
         if not usable:
             raise McdmError(f"syncnet_train: none of the {len(clips)} clips could be read ({skipped[:1]})")
-        torch.manual_seed(params.seed)
-        model, metrics = train_syncnet(new_syncnet(sp), usable, sp, seed=params.seed)
+        fold_metrics = {}
+        for fold in (METRIC, CROSS_FIT):
+            ids = clips.loc[clips["fold"] == fold, "clip_id"]
+            models[fold], fold_metrics[fold] = _train_fold([usable[i] for i in ids if i in usable], params)
+            use.update(fold_metrics[fold].pop("clip_use"))
+        if models[METRIC] is None:
+            raise McdmError(f"syncnet_train: the metric fold (training-split identities only) has no usable clip: "
+                            f"{fold_metrics[METRIC]['not_trained']}")
+        metrics = fold_metrics[METRIC]
         offsets = metrics.pop("heldout_offsets")
+        cross = fold_metrics[CROSS_FIT]
+        cross.pop("heldout_offsets", None)
+        metrics["cross_fit"] = cross
     for clip_id, reason in skipped:  # unreadable clips: the sync_filter stage records them as rejects
         print(f"syncnet_train: skipped clip {clip_id}: {reason}", file=sys.stderr)
+    table = clips[["clip_id", "group", "role", "fold", "planted_shift_s"]].assign(
+        use=[use.get(i, "unusable") for i in clips["clip_id"]])
     metrics["skipped_clips"] = len(skipped)
     metrics["planted_out_of_sync_in_table"] = int((clips["planted_shift_s"] != 0).sum())
+    metrics["folds"] = {fold: {"clips": int((table["fold"] == fold).sum()),
+                               "trained": int(((table["fold"] == fold) & (table["use"] == "trained")).sum()),
+                               "groups": int(table.loc[table["fold"] == fold, "group"].nunique())}
+                        for fold in (METRIC, CROSS_FIT)}
     metrics["manifest"] = str(manifest_path) if manifest is not None else None
-    _save_model(model, out_dir)
-    write_json(metrics, out_dir / "metrics.json")
-    write_csv(pd.DataFrame(offsets), out_dir / "heldout_offsets.csv")
+    _save_models(models, out_dir, metrics, table, pd.DataFrame(offsets))
     return metrics

@@ -2,7 +2,7 @@
 
 ``params.yaml`` (what DVC tracks) is this schema's defaults, optionally overlaid with
 ``configs/micro.yaml`` (tests) or ``configs/paper.yaml`` (GPU), written by
-``mcdm params apply <profile>``. Every stage validates ``params.yaml`` first; an unknown key, a wrong
+``mcdm params apply <profile>``. The evaluation sections live in ``mcdm.config.evaluation``. Every stage validates ``params.yaml`` first; an unknown key, a wrong
 type or an out-of-range value stops it with one line naming the key (a section that decisions.md #18's
 map moved, with where it went: ``MOVED``).
 """
@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
-Variant = Literal["full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2"]
-VARIANTS: tuple[str, ...] = ("full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2")
-
-
-class Section(BaseModel):
-    """Strict: no type coercion (``seed: '3'`` or ``steps: 2.0`` is an error, an int where a float is
-    wanted is fine), numbers finite (``fps: .inf`` is an error), no unknown key."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+from mcdm.config.evaluation import (
+    AblationParams,
+    ClaimsParams,
+    EvalParams,
+    OpenSetParams,
+    SweepParams,
+    TokenFiguresParams,
+)
+from mcdm.config.section import VARIANTS, Section, Variant
 
 
 class QualityParams(Section):
@@ -117,7 +117,7 @@ class SampleParams(Section):
     time_scale: float = Field(1.0, gt=0, description="multiplies every duration (`mcdm sample-data --seconds`)")
     too_long_seconds: float = Field(34.0, gt=0, description="length of the planted too-long videos (never below 31 s)")
     n_long: int = Field(2, ge=0, description="long clean videos for the long-term curve (exempt from trimming)")
-    long_seconds: float = Field(10.0, gt=0, description="length of the long videos, seconds (before time_scale); the long-term curve uses eval.long_term_seconds of them (8 s at the embedded default: every second beyond that is data-stage work on frames never generated)")
+    long_seconds: float = Field(31.0, gt=0, description="length of the long videos, seconds (before time_scale): at least the 30 s every matrix member generates of them (ablations.eval.long_term_seconds); the main line's curve uses eval.long_term_seconds")
     n_identities: int = Field(10, ge=2, le=10, description="identities used (2 real photos + derived faces)")
     size: int = Field(256, ge=128, description="frame side of the generated raw videos (two-face videos are twice as wide)")
     fps: float = Field(25.0, gt=0, description="frame rate of the generated videos")
@@ -263,102 +263,9 @@ class TrainParams(Section):
     stage3: Stage3Params = Field(default_factory=Stage3Params)
 
 
-class OpenSetParams(Section):
-    """The open-set table (decisions.md #23; dvc.yaml stage ``open_set``): portraits of the identities the
-    split held out (``data.split.open_set_identities``) speaking held-out audio, generated and measured with
-    the main line's ``eval`` settings. ``eval.open_set``: no other stage lists it in dvc.yaml, so that
-    changing it re-runs only that stage."""
-
-    max_pairs: int = Field(8, ge=1, description="portrait x audio rows of data/split/open_set.parquet generated "
-                           "and measured (in portrait clip order)")
-    fid_real_frames: int = Field(200, ge=2, description="training frames in FID's real set (evenly spaced over the "
-                                 "train clips of data/features); the dlib descriptor costs ~0.15 s of CPU per frame")
-
-
-class TokenFiguresParams(Section):
-    """The lip-token heatmap and the t-SNE of expression tokens (Figure 6; dvc.yaml stage ``token_figures``;
-    ``eval.token_figures``)."""
-
-    heatmap_clips: int = Field(2, ge=1, description="test clips in the lip-token heatmap (regular clips first)")
-    heatmap_seconds: float = Field(4.0, gt=0, description="seconds of each heatmap clip shown (capped by the clip)")
-    tsne_frames_per_clip: int = Field(40, ge=1, description="frames per test / open-set clip (evenly spaced) whose "
-                                      "expression tokens enter the t-SNE")
-    tsne_perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity (lowered to n_points - 1 when fewer points)")
-
-
-class EvalParams(Section):
-    steps: int = Field(10, ge=1, description="DDIM steps at generation")
-    long_term_seconds: float = Field(8.0, gt=0, description="length of the long-term sequence (capped by its long test clip; 288 s = 7200 frames in the paper profile)")
-    max_test_clips: int = Field(8, ge=1, description="test clips generated and measured")
-    inception_path: Optional[str] = Field(None, description="StyleGAN-family TorchScript Inception (inception-2015-12-05.pt) for FID; else the dlib-descriptor-128 fallback")
-    i3d_path: Optional[str] = Field(None, description="StyleGAN-V TorchScript I3D (i3d_torchscript.pt) for FVD; else the dlib landmark-dynamics fallback")
-    deep3d_path: Optional[str] = Field(None, description="TorchScript export of Deep3DFaceRecon's R-Net (257 coefficients) for E-FID; else landmark-expression-offsets")
-    fvd_clip_frames: int = Field(16, ge=2, description="frames per FVD clip (non-overlapping clips of each video)")
-    fvd_fallback_descriptor_every: int = Field(4, ge=1, description="FVD fallback: dlib descriptor on every k-th frame of a clip (landmarks on all)")
-    frame_stride: int = Field(2, ge=1, description="FID, E-FID and identity use every k-th frame of each video (FVD and SSIM use all); the dlib descriptor costs ~0.15 s of CPU per frame")
-    dlib_min_side: int = Field(160, ge=32, description="frames smaller than this are upscaled (integer factor) before dlib face analysis")
-    parallel_faces_min_frames: int = Field(300, ge=1, description="dlib face analysis of the test set runs in data.workers Dask processes when at least this many frames need it (a cluster costs seconds to start); fewer: in-process")
-    drift_tail: float = Field(0.1, gt=0, le=0.5, description="identity drift = mean of the last this-fraction of frames minus the first")
-    # generation of the test set (mcdm evaluate)
-    clip_seconds: Optional[float] = Field(2.0, gt=0, description="each test clip is generated for at most this many seconds (null: the whole clip)")
-    batch_size: int = Field(4, ge=1, description="test clips generated together in one batch")
-    threads: int = Field(2, ge=1, description="torch CPU threads of generation and metrics")
-    use_landmarks: bool = Field(False, description="drive generation with the ground truth's landmarks (the paper's default is without)")
-    n_samples: int = Field(2, ge=0, description="generated test clips written as sample mp4s (with their audio)")
-    grid_clips: int = Field(4, ge=1, description="test clips (rows) in the frame grid")
-    grid_times: int = Field(4, ge=1, description="times per clip in the frame grid (ground truth and generated side by side)")
-    # long-term curve (Figure 5) on the long_term-flagged test clips
-    long_term_clips: int = Field(1, ge=0, description="long-term test clips generated (the curve is their mean); 0: no long-term curve (the alpha sweep's members)")
-    long_term_every: int = Field(8, ge=1, description="long-term curve: one row per this many frames (SSIM averaged over them, identity on the first)")
-    # the stages beyond the main line (dvc.yaml stages open_set, token_figures); evaluate and the matrix
-    # list the keys above one by one, so changing these re-runs only their own stage
-    open_set: OpenSetParams = Field(default_factory=OpenSetParams)
-    token_figures: TokenFiguresParams = Field(default_factory=TokenFiguresParams)
-
-
-class AblationParams(Section):
-    """The ablation matrix (paper Tables 4-5; dvc.yaml stage ``ablation``) and what every matrix member
-    (ablation or sweep, ``mcdm ablate``) costs. A member retrains only the stages its variant changes
-    and takes the others from the main line (decisions.md #10)."""
-
-    variants: list[Variant] = Field(
-        default_factory=lambda: ["full", "wo_fa", "wo_fpc", "wo_mta", "b1", "b2"],
-        description="variants of the matrix; `full` is the full model retrained at the members' budget (the tables' reference row)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="training seeds of the matrix (mean and std over them)")
-    alpha: float = Field(0.1, ge=0, le=1, description="Eq. 5 alpha of the ablation members (Tables 4-5: the paper's 0.1); "
-                         "the main line reads `alpha`, the sweep `sweep.alphas`")
-    steps_fraction: float = Field(
-        0.1, gt=0, le=1, description="fraction of train.stageN.steps (and warm-up) a member trains in each stage it "
-        "retrains (at least 1 step); `full` members too, so a `full` member is NOT the main line (0.1 at the embedded "
-        "default so that 17 members fit the 40-minute `make run`; stage 1 starts from the reference-token warm start)")
-    eval: dict[str, Any] = Field(
-        default_factory=lambda: {"max_test_clips": 2, "clip_seconds": 1.0, "long_term_seconds": 3.0,
-                                 "fvd_clip_frames": 8},
-        description="`eval` keys a member evaluates with instead of the main line's (fewer, shorter test clips: "
-        "every member is measured alike, the main line as `eval` says; FVD over 8-frame clips, so that 1 s test "
-        "clips give 3 FVD clips each instead of 1: members' FVD is comparable between members, not with the main line's)")
-
-    @field_validator("eval")
-    @classmethod
-    def _eval_overlay(cls, value: dict[str, Any]) -> dict[str, Any]:
-        try:
-            EvalParams.model_validate(value)
-        except ValidationError as err:
-            first = err.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            msg = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-            raise ValueError(f"{key}: {msg}") from None
-        return value
-
-
-class SweepParams(Section):
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9],
-                                description="Eq. 5 alphas of the sweep (Figure 7); each member retrains stage 3 only")
-
-
 class RegistryParams(Section):
     name: str = Field("mcdm-talkingface", description="MLflow registered model; only the main line (variant full, default alpha) adds versions")
-    primary_metric: str = Field("fvd", description="metric that decides the champion alias")
+    primary_metric: str = Field("fvd", description="metric that decides the champion alias (a key of reports/metrics.json)")
     lower_is_better: bool = True
 
 
@@ -501,7 +408,7 @@ def profile_params(profile: str, configs_dir: str | Path = "configs") -> Params:
 
 def dump_params(params: Params) -> str:
     header = (
-        "# Written by `mcdm params apply` from the schema in src/mcdm/config.py (the one place defaults live).\n"
+        "# Written by `mcdm params apply` from the schema in src/mcdm/config/ (the one place defaults live).\n"
         "# Edit freely or use `dvc exp run -S key=value`; every stage validates this file first.\n"
     )
     return header + yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
