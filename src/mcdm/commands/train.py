@@ -17,6 +17,8 @@ def run(params, args) -> None:
     inputs = StageInputs(features=args.features, base=args.base, motion_encoders=args.motion_encoders,
                          prev=tuple(args.prev))
     metrics = run_stage(params, args.stage, inputs, args.out, args.checkpoints, args.metrics, args.loss_csv)
+    if metrics.get("rank"):  # a launched rank other than 0: rank 0 reports
+        return
     if metrics.get("steps"):
         print(f"wrote {args.out}: stage {args.stage}, {metrics['steps']} steps, loss {metrics['loss_first10']:.4f} "
               f"(first 10%) -> {metrics['loss_last10']:.4f} (last 10%), {metrics['samples_per_s']:.2f} samples/s, "
