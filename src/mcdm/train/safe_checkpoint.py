@@ -38,9 +38,12 @@ def allowed_names() -> set[str]:
 
 
 def _reason(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line]
-    return (named or lines or [type(err).__name__])[0][:300]
+    """The unpickler's own complaint (e.g. ``Unsupported global: GLOBAL posix.system ...``), one line."""
+    text = str(err)
+    named = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line]
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = named or [line.strip() for line in detail.splitlines() if line.strip()] or [type(err).__name__]
+    return lines[0][:200]
 
 
 @functools.lru_cache(maxsize=1)
