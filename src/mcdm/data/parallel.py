@@ -11,6 +11,11 @@ with :func:`stage_workers` deciding between processes and this process:
 A tqdm bar counts finished items. One bad item never stops the map: an exception raised by ``fn``
 for one item comes back as a :class:`Crashed` value in that item's slot (with its traceback printed
 to stderr), which the stage records as a reject ``crashed: <error>`` instead of losing the file.
+
+On a cluster a worker may die mid-item (killed, out of memory, its machine lost): the scheduler
+runs the item again on another worker. An item whose runs killed more workers than the scheduler
+allows (``distributed.scheduler.allowed-failures``, 3 by default) comes back as
+``Crashed("KilledWorker: ...")``: a reject, not a lost file (tests/test_data_dask_cluster.py).
 """
 from __future__ import annotations
 
@@ -81,6 +86,7 @@ def map_videos(
         return results
 
     from dask.distributed import Client, LocalCluster, as_completed
+    from distributed import KilledWorker
 
     cluster = None
     if address:
@@ -100,7 +106,12 @@ def map_videos(
         futures = [client.submit(_guarded, fn, items[i], key=f"{desc}-{run}-{i}") for i in order]
         index = {fut.key: i for fut, i in zip(futures, order)}
         for fut in as_completed(futures):
-            results[index[fut.key]] = fut.result()
+            try:
+                results[index[fut.key]] = fut.result()
+            except KilledWorker as err:  # the item took down every worker that ran it
+                print(f"{desc}: item {index[fut.key]}: {err}", file=sys.stderr)
+                results[index[fut.key]] = Crashed(f"KilledWorker: a worker died running it "
+                                                  f"{err.allowed_failures + 1} times")
             bar.update(1)
     finally:
         bar.close()
