@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from conftest import ROOT, TINY_TRAINING, free_port, tiny, tool_env
+from conftest import ROOT, TINY_TRAINING, free_port, stop_session, tiny, tool_env
 from safetensors.torch import load_file
 from test_data_ingest_scenes import moving, other_scene, portrait, speech, synth_talking, synth_video, tiny_params
 
@@ -76,13 +76,7 @@ class Cluster:
     def stop(self) -> None:
         """Workers first (their nannies stop their worker processes), then the scheduler."""
         for proc in [*self.procs[1:], self.procs[0]]:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_session(proc, timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -103,10 +103,20 @@ def _wait_mid_run(launcher: subprocess.Popen, ck: Path, log: Path, timeout: floa
     raise AssertionError(f"no checkpoint in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def test_stage1_on_two_ranks_survives_a_killed_launcher_and_matches_one_rank(project):
-    env_two, env_one = _env(project, "mlflow_two.db"), _env(project, "mlflow_one.db")
-    one = subprocess.Popen(["mcdm", *_stage("one")], cwd=project, env=env_one, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)  # one process, meanwhile
+@pytest.fixture
+def one_rank(project):
+    """The same stage in one process, started meanwhile (stopped by its pid if the test fails first)."""
+    env = _env(project, "mlflow_one.db")
+    proc = subprocess.Popen(["mcdm", *_stage("one")], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_stage1_on_two_ranks_survives_a_killed_launcher_and_matches_one_rank(project, one_rank):
+    env_two, one = _env(project, "mlflow_two.db"), one_rank
     log = project / "launcher.log"
     port = free_port()
     with log.open("w") as fh:
