@@ -128,7 +128,9 @@ def init_distributed():
         by_launcher = launched()
         with single_process_env():
             rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            if by_launcher:
+            if by_launcher and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                store = None  # torchrun: its agent already serves the store on MASTER_PORT (env://)
+            elif by_launcher:
                 if is_loopback(os.environ["MASTER_ADDR"]):
                     _stay_on_loopback()
                 store = launcher_store(rank, world_size, default_pg_timeout)
