@@ -4,7 +4,8 @@ A stage builds its model (frozen parts with ``requires_grad=False``), a dataset 
 ``loss_fn(engine, batch) -> loss``, and calls :func:`train_loop`. Everything else lives here:
 
 * **Launch.** Under ``deepspeed --num_gpus N`` (or a hostfile, or ``--num_accelerators N`` on CPU)
-  the launcher sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_*``. Started directly
+  the launcher sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_*``; a launched rank stops
+  when its launcher is killed (:mod:`mcdm.train.launcher_watch`). Started directly
   (``mcdm train --stage 1``, ``dvc repro``) it runs as one process: we set ``RANK`` / ``WORLD_SIZE`` /
   ``LOCAL_RANK`` for the duration of the set-up and start a one-rank group on an in-memory store,
   listening on no port (:mod:`mcdm.train.distributed`).

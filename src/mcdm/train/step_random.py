@@ -28,7 +28,8 @@ from mcdm.models.frame_noise import frame_correlated_noise
 STEP_RANDOM = "step_random"
 
 
-def _seed(*parts: int) -> int:
+def _seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` (a hash: neighbouring steps and samples get unrelated streams)."""
     digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
