@@ -121,16 +121,23 @@ def pytest_collection_modifyitems(session, config, items):
     config.stash[MICRO_RUN] = (root, proc, log)
 
 
+def stop_session(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process started with ``start_new_session=True`` by its process group (the pid we
+    started): SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A session that ends before the micro run (e.g. -x) stops it by its process group."""
     started = session.config.stash.get(MICRO_RUN, None)
     if started is not None and started[1].poll() is None:
-        os.killpg(started[1].pid, signal.SIGTERM)
-        try:
-            started[1].wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(started[1].pid, signal.SIGKILL)
-            started[1].wait()
+        stop_session(started[1])
 
 
 @pytest.fixture(scope="session")

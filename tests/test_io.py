@@ -87,3 +87,15 @@ def test_truncated_file(tmp_path):
     cut.write_bytes(data[: len(data) // 3])
     with pytest.raises(io.MediaError):
         io.read_frames(cut)
+
+
+def test_the_same_frames_encode_to_the_same_bytes(tmp_path):
+    """Data stages re-run anywhere (in this process, on Dask workers) must write the same files:
+    libx264's macroblock tree made 2-3 different streams of these frames in 10 encodes."""
+    from test_data_ingest_scenes import moving, portrait
+
+    frames = np.stack(list(moving(portrait(), 40)))  # 160 px, a talking head's sway
+    audio = np.zeros(40 * 640, np.float32)
+    written = {io.write_video(tmp_path / "clip.mp4", iter(frames), fps=25.0, audio=audio).read_bytes()
+               for _ in range(10)}
+    assert len(written) == 1

@@ -17,6 +17,8 @@ def run(params, args) -> None:
     inputs = StageInputs(features=args.features, base=args.base, motion_encoders=args.motion_encoders,
                          prev=tuple(args.prev))
     metrics = run_stage(params, args.stage, inputs, args.out, args.checkpoints, args.metrics, args.loss_csv)
+    if metrics.get("rank"):  # a launched rank other than 0: rank 0 reports
+        return
     if not metrics.get("steps"):
         print(f"wrote {args.out}: stage {args.stage} (no training steps for variant {params.variant})")
         return

@@ -14,6 +14,11 @@ to stderr), which the stage records as a reject ``crashed: <error>`` instead of 
 item still running after ``timeout`` seconds (``data.item_timeout_seconds``: a file that makes a
 decoder block) comes back as ``Crashed(code="timeout")``, recorded as a ``timeout`` reject, and the
 map goes on (the stuck call is left in a daemon thread, which ends with the process).
+
+On a cluster a worker may die mid-item (killed, out of memory, its machine lost): the scheduler
+runs the item again on another worker. An item whose runs killed more workers than the scheduler
+allows (``distributed.scheduler.allowed-failures``, 3 by default) comes back as
+``Crashed("KilledWorker: ...")``: a reject, not a lost file (tests/test_data_dask_cluster.py).
 """
 from __future__ import annotations
 
@@ -103,6 +108,7 @@ def map_videos(
         return results
 
     from dask.distributed import Client, LocalCluster, as_completed
+    from distributed import KilledWorker
 
     cluster = None
     if address:
@@ -122,7 +128,12 @@ def map_videos(
         futures = [client.submit(_guarded, fn, items[i], timeout, key=f"{desc}-{run}-{i}") for i in order]
         index = {fut.key: i for fut, i in zip(futures, order)}
         for fut in as_completed(futures):
-            results[index[fut.key]] = fut.result()
+            try:
+                results[index[fut.key]] = fut.result()
+            except KilledWorker as err:  # the item took down every worker that ran it
+                print(f"{desc}: item {index[fut.key]}: {err}", file=sys.stderr)
+                results[index[fut.key]] = Crashed(f"KilledWorker: a worker died running it "
+                                                  f"{err.allowed_failures + 1} times")
             bar.update(1)
     finally:
         bar.close()

@@ -4,23 +4,29 @@ A stage builds its model (frozen parts with ``requires_grad=False``), a dataset 
 ``loss_fn(engine, batch) -> loss``, and calls :func:`train_loop`. Everything else lives here:
 
 * **Launch.** Under ``deepspeed --num_gpus N`` (or a hostfile, or ``--num_accelerators N`` on CPU)
-  the launcher sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_*``. Started directly
-  (``mcdm train_stage1``, ``dvc repro``) it runs as one process: we set those variables for the
-  duration of the set-up (a free port on 127.0.0.1) and start a one-rank ``gloo`` group on CPU.
+  the launcher sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_*``; a launched rank stops
+  when its launcher is killed (:mod:`mcdm.train.launcher_watch`). Started directly
+  (``mcdm train --stage 1``, ``dvc repro``) it runs as one process: we set ``RANK`` / ``WORLD_SIZE`` /
+  ``LOCAL_RANK`` for the duration of the set-up and start a one-rank group on an in-memory store,
+  listening on no port (:mod:`mcdm.train.distributed`).
 * **Config.** One JSON (``train.deepspeed_config``, default ``configs/deepspeed/zero2.json``: ZeRO-2,
   AdamW through ``torch_adam`` so no optimizer op is compiled). Its ``"auto"`` fields are filled at
   run time: batch sizes, lr, warm-up and clipping from the stage's params; ``bf16`` on a GPU that
   has it and fp32 on CPU (``train.precision: auto``; ``fp32`` / ``bf16`` force one); bucket sizes
   capped by the trainable size; ``overlap_comm`` on GPU only. Exports take the fp32 master weights.
 * **Data.** :class:`~mcdm.train.data.StepBatchSampler`: ``batch_size`` is the *global* batch, split
-  over the ranks without overlap; the data position of a checkpoint is its step.
+  over the ranks without overlap; the data position of a checkpoint is its step. A dict batch also
+  carries the step's :class:`~mcdm.train.step_random.StepRandom` (key ``step_random``): noise and
+  timesteps drawn by the sample's place in the global batch, so a stage trains the same numbers on
+  1 or N ranks (up to the order of the gradient sums).
 * **Checkpoints.** Every ``checkpoint_every`` steps and at the last step, DeepSpeed writes
   ``<dir>/step_XXXXXXXX/`` (module without its frozen parameters, ZeRO optimizer partitions, LR
   scheduler, step counters); each rank adds its RNG states (python, numpy, torch, cuda) as JSON;
   then rank 0 writes ``mcdm_checkpoint.json`` (step, loss, variant, fingerprint, trainable shapes)
   and the ``latest`` file, each to a temporary name and renamed. A folder without that JSON was
   cut off by a kill and is ignored, so a SIGKILL at any moment leaves the previous checkpoint usable.
-* **Resume.** The newest complete checkpoint is loaded (``resumed from step N``) unless
+* **Resume.** The newest complete checkpoint is loaded (``resumed from step N``), with
+  ``torch.load(weights_only=True)`` and an allow-list of DeepSpeed's classes (:mod:`mcdm.train.safe_checkpoint`), unless
   - it was made for another variant, or by this very run (same fingerprint) but its trainable
     shapes differ from the model's: refused, naming both variants and both shapes (the folder
     belongs to another model; nothing is deleted);
@@ -55,7 +61,9 @@ from mcdm.train.checkpoints import resume, save_checkpoint
 from mcdm.train.data import StepBatchSampler, move_batch, step_loader
 from mcdm.train.distributed import init_distributed, on_gpu, single_process_env
 from mcdm.train.reproducibility import seed_everything, set_determinism
+from mcdm.train.safe_checkpoint import load_safely
 from mcdm.train.spec import TrainResult, TrainSpec
+from mcdm.train.step_random import STEP_RANDOM, StepRandom
 
 
 class NonFiniteLoss(McdmError):
@@ -204,6 +212,7 @@ def train_loop(model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
                                       trainable_numel=sum(p.numel() for p in trainable))
     with single_process_env():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    load_safely(engine)  # resume unpickles no code (safe_checkpoint.py)
     dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") else torch.float32
 
     start, meta = resume(engine, spec, rank, say)
@@ -221,6 +230,8 @@ def train_loop(model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tenso
         step = step_index + 1
         t0 = time.perf_counter()
         batch = move_batch(batch, engine.device, dtype)
+        if isinstance(batch, dict):  # this step's draws, by place in the global batch (step_random.py)
+            batch[STEP_RANDOM] = StepRandom.for_rank(spec.seed, step_index, rank, world_size, spec.batch_size)
         loss = loss_fn(engine, batch)
         mean_loss, finite = _finite_mean(loss, world_size)
         if not finite:

@@ -33,7 +33,11 @@ sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 for the pretrained tiny UNet; :mod:`mcdm
   timestep, so the carried memory comes from every noise level (generation carries the memory of
   the previous clip's last, least noisy step). F_pc comes from the frozen stage-2 prior's token
   embeddings of the clip's true motion tokens (generation: the prior's sampled tokens).
-* stage 2:  Eq. 3, ``PresentClipMotionPrior.training_loss``.
+  Noise, timesteps and landmark drops are drawn per sample of the global batch
+  (:mod:`mcdm.train.step_random`): the same training on 1 rank or N.
+* stage 2:  Eq. 3, ``PresentClipMotionPrior.training_loss``, drawing from each rank's RNG and
+  normalised per rank (by the elements it denoised): on N ranks the same training in distribution,
+  not in numbers.
 
 Exports (diffusers folders, safetensors + config.json, written to ``<out>.tmp`` and renamed; beside
 them ``stage.json`` with the params hash): stage 1 -> ``denoiser/``, ``landmark_guider/``; stage 2 ->

@@ -29,8 +29,9 @@ from mcdm.train.builders import denoiser_config, denoiser_from_base, landmark_gu
 from mcdm.train.data import move_batch
 from mcdm.train.datasets import ClipRuns, load_feature_set
 from mcdm.train.stages.inputs import component, file_digest, previous_output, require, stage_name
-from mcdm.train.stages.losses import diffusion_mse, keep_mask, stratified_timesteps
+from mcdm.train.stages.losses import diffusion_mse, keep_mask
 from mcdm.train.stages.task import EVAL_ITEMS, EVAL_SEED, EVAL_TIMESTEP_BINS, StageTask
+from mcdm.train.step_random import StepRandom
 
 # variants whose stage 1 is the main line's (they differ only in layers stage 1 leaves untouched)
 SHARED_STAGE1 = ("full", "wo_mta", "wo_fpc")
@@ -102,12 +103,12 @@ class DenoiserStage(StageTask):
         self.vae = load_vae(layout.base_path(base, layout.VAE))
         self.fingerprint["base"] = file_digest(base / layout.ENCODERS_JSON, base / layout.UNET / "config.json")
 
-    def _landmark_features(self, images: torch.Tensor) -> torch.Tensor:
+    def _landmark_features(self, images: torch.Tensor, random: StepRandom) -> torch.Tensor:
         """(B, F, 1, S, S) landmark images -> guider features (B, C0, F, h, w), zero for dropped clips."""
         b = images.shape[0]
         guider = self.parts[LANDMARK_GUIDER]
         feats = rearrange(guider(rearrange(images, "b f 1 s t -> (b f) 1 s t")), "(b f) c h w -> b c f h w", b=b)
-        keep = keep_mask(b, self.params.model.p_drop_landmarks, feats.device)
+        keep = keep_mask(random, self.params.model.p_drop_landmarks, feats.device)
         return feats * keep[:, None, None, None, None].to(feats.dtype)
 
     def _present(self, batch: dict, k: int) -> dict:
@@ -115,7 +116,8 @@ class DenoiserStage(StageTask):
         return {}
 
     def _clip_cond(self, batch: dict, k: int, landmarks: bool = True) -> dict:
-        guide = self._landmark_features(batch["landmark_images"][:, k]) if landmarks else None
+        random = StepRandom.of(batch, batch["latents"].shape[0])
+        guide = self._landmark_features(batch["landmark_images"][:, k], random) if landmarks else None
         return dict(ref_latent=batch["ref_latent"], archived_latents=batch["archived_latents"][:, k],
                     landmark_features=guide, **self._present(batch, k))
 
@@ -228,8 +230,9 @@ class Stage1(DenoiserStage):
 
     def loss(self, batch: dict) -> torch.Tensor:
         z0 = batch["latents"][:, 0]
-        t = stratified_timesteps(z0.shape[0], self.scheduler.config.num_train_timesteps, z0.device)
-        loss, _ = diffusion_mse(self.parts[DENOISER], self.scheduler, z0, t,
+        random = StepRandom.of(batch, z0.shape[0])
+        t = random.stratified_timesteps(self.scheduler.config.num_train_timesteps, device=z0.device)[0]
+        loss, _ = diffusion_mse(self.parts[DENOISER], self.scheduler, z0, t, random=random,
                                 rho=self.params.model.frame_noise_correlation, **self._clip_cond(batch, 0))
         return loss
 
@@ -288,13 +291,13 @@ class Stage3(DenoiserStage):
     def loss(self, batch: dict) -> torch.Tensor:
         denoiser = self.parts[DENOISER]
         b, k_run = batch["latents"].shape[:2]
-        # one stratum per clip of the whole run (K B clips)
-        t = rearrange(stratified_timesteps(k_run * b, self.scheduler.config.num_train_timesteps, self.device),
-                      "(k b) -> k b", k=k_run)
+        random = StepRandom.of(batch, b)
+        # one stratum per clip of the whole run (K x the global batch's clips): (K, B)
+        t = random.stratified_timesteps(self.scheduler.config.num_train_timesteps, per_sample=k_run, device=self.device)
         memory, losses = None, []
         for k in range(k_run):
             loss_k, memory = diffusion_mse(denoiser, self.scheduler, batch["latents"][:, k], t[k], memory=memory,
-                                           rho=self.params.model.frame_noise_correlation,
+                                           rho=self.params.model.frame_noise_correlation, random=random,
                                            **self._clip_cond(batch, k))
             memory = detach_memory(memory)  # carried to the next clip without backprop (decisions.md #6)
             losses.append(loss_k)

@@ -73,7 +73,7 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
         export_stage(task, out_dir, rank, {"steps": result.steps if result else 0,
                                            "final_loss": result.final_loss if result else None}, ema)
         if rank != 0:
-            return metrics
+            return {**metrics, "rank": rank}  # rank 0 alone writes the metrics, curves and MLflow records
         speed = float(np.median(recorder.speeds)) if recorder.speeds else None
         eval_end = task.fixed_batch_loss()
         metrics.update({
