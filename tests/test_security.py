@@ -22,12 +22,15 @@ import numpy as np
 import pytest
 import skimage.data
 from conftest import TINY_PIPELINE, copy_project, tiny, tool_env
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from mcdm.config import ParamsError, dump_params, load_params
 from mcdm.data.ingest import list_source
 from mcdm.data.parallel import Crashed, map_videos
+from mcdm.errors import McdmError
 from mcdm.media.io import MediaError, probe, read_audio, write_video, write_wav
+from mcdm.models.loading import load_strict
 from mcdm.pipelines.preprocessing import read_image, read_speech
 from mcdm.train.builders import build_untrained_pipeline
 
@@ -237,3 +240,18 @@ def test_an_unknown_top_level_key_stops_dvc_repro(tmp_path):
     done = subprocess.run(["dvc", "repro", "params_check"], cwd=proj, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert "params.yaml: colour: unknown key" in done.stdout + done.stderr
+
+
+def test_pickled_weights_are_refused_without_unpickling(tmp_path):
+    """#18.2: every diffusers folder loads with ``use_safetensors=True``: a ``.bin`` (a pickle, which may
+    carry code) beside the config is refused by name, never unpickled."""
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2)
+    unet.save_pretrained(tmp_path / "safe")
+    assert load_strict(UNet2DConditionModel, tmp_path / "safe") is not None
+    unet.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert (tmp_path / "pickled" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(McdmError, match="pickled"):
+        load_strict(UNet2DConditionModel, tmp_path / "pickled")

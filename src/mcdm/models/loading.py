@@ -13,12 +13,15 @@ from mcdm.errors import McdmError
 # Loading helper
 # =============================================================================================
 def load_strict(cls, path: str | Path, **kwargs):
-    """``cls.from_pretrained(path)`` that fails (one line) when a weight is missing or unexpected."""
+    """``cls.from_pretrained(path)`` that fails (one line) when a weight is missing or unexpected; only
+    safetensors weights are read (a pickled ``.bin`` would run code on load)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise McdmError(f"{path}: no config.json (not a saved {cls.__name__})")
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise McdmError(f"{path}: only pickled .bin weights (they can run code when loaded); mcdm reads safetensors")
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+        model, info = cls.from_pretrained(path, output_loading_info=True, use_safetensors=True, **kwargs)
     except (ValueError, OSError, RuntimeError) as err:
         raise McdmError(f"{path}: cannot load {cls.__name__}: {str(err).splitlines()[0]}") from None
     bad = {k: v for k, v in info.items() if k != "error_msgs" and v}

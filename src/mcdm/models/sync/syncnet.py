@@ -201,7 +201,7 @@ def load_syncnet(path: str | Path) -> SyncNet | OfficialSyncNet:
     name = json.loads(config.read_text()).get("_class_name")
     if name not in SYNCNET_CLASSES:
         raise McdmError(f"{config}: _class_name {name!r} is not one of {sorted(SYNCNET_CLASSES)}")
-    model, info = SYNCNET_CLASSES[name].from_pretrained(path, output_loading_info=True)
+    model, info = SYNCNET_CLASSES[name].from_pretrained(path, output_loading_info=True, use_safetensors=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise McdmError(f"{path}: SyncNet weights do not match its config: {bad}")
