@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, free_port, tool_env
+from mlflow import MlflowClient
 from workspace import copy_tree
+
+from mcdm.tracking.store import default_tracking_uri
 
 POOL = "mcdm-test-pool"
 DEPLOYED = {"train-all/mcdm-test-pool", "data-prep/mcdm-test-pool", "evaluate/mcdm-test-pool",
@@ -95,6 +98,11 @@ def test_deploy_to_a_process_pool_and_a_worker_runs_it(micro_pipeline, prefect_e
     assert state["last_run"]["work_pool"] == POOL
     assert "$ dvc repro --single-item sample_data" in state["last_run"]["logs"]
     assert state["last_run"]["started"] >= started - 5  # this run, not an older one
+    # the flow's MLflow parent run (in the project's own store) ended with the flow run on the worker
+    client = MlflowClient(tracking_uri=default_tracking_uri(project))
+    parents = [r for exp in client.search_experiments() for r in client.search_runs([exp.experiment_id])
+               if r.data.tags.get("flow") == "train-all" and r.info.start_time >= (started - 5) * 1000]
+    assert [r.info.status for r in parents] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in parents]
 
 
 def test_deploy_without_a_server_is_one_line(tmp_path):
