@@ -137,8 +137,7 @@ def test_landmark_video_drives_generation(pipe, params, tmp_path):
                landmarks=track.landmarks, generator=torch.Generator().manual_seed(0))
     assert out.frames.shape == (8, side, side, 3)
     video = generate_video(pipe, skimage.data.astronaut(), np.zeros(16000, np.float32) + 0.01, tmp_path / "out.mp4",
-                           seconds=8 / params.data.fps, landmarks=tmp_path / "drive.mp4",
-                           generator=torch.Generator().manual_seed(0))
+                           seconds=8 / params.data.fps, landmarks=tmp_path / "drive.mp4", seed=0)
     assert probe(video.path).n_frames == 8
 
 
@@ -149,7 +148,7 @@ def test_generate_cli_writes_mp4_with_audio(files, capsys):
                                     "--checkpoint", str(files / "ckpt"), "--seconds", "0.6")
     assert code == 0, stderr
     info = probe(out)
-    assert info.has_audio and info.n_frames == 15 and (info.width, info.height) == (64, 64)
+    assert info.has_audio and info.n_frames == 15 and (info.width, info.height) == (512, 512)  # the portrait's
     audio = read_audio(out)
     assert abs(len(audio) / 16000 - 0.6) < 0.08  # the first 0.6 s of the input audio, muxed (AAC)
     assert 0.1 < np.sqrt(np.mean(audio**2)) < 0.3  # the input's RMS (~0.19), not silence

@@ -56,6 +56,9 @@ def download_model(uri: str, tracking: Optional[str] = None) -> Path:
     import mlflow
 
     tracking = tracking or tracking_uri()
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
+        raise McdmError(f"{uri}: no MLflow store at {tracking} (outside the project, set MLFLOW_TRACKING_URI to "
+                        "the registry's store, e.g. sqlite:////path/to/mcdm/mlflow.db)")
     try:
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
