@@ -45,6 +45,15 @@ def tiny(base: dict, **overrides):
     return Params.model_validate(deep_merge(base, overrides))
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``mcdm ARGV`` run in this process."""
+    from mcdm import cli
+
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,8 +16,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
-ELLIPSE_AXES = (0.40, 0.47)  # half-axes of the face ellipse, fractions of the square's side
-ELLIPSE_CENTRE = (0.50, 0.52)  # the crop centres the face box; the chin sits a little below the centre
+ELLIPSE_AXES = (0.40, 0.42)  # half-axes of the face ellipse, fractions of the square's side
+ELLIPSE_CENTRE = (0.50, 0.50)  # the crop centres the face box (data.crop_scale x its side)
 
 
 def ellipse_mask(side: int, feather: float = 0.08, axes=ELLIPSE_AXES, centre=ELLIPSE_CENTRE) -> np.ndarray:

@@ -41,9 +41,12 @@ class SpeechReport:
         level = "silent (below the -70 LUFS gate)" if not np.isfinite(self.lufs) else f"{self.lufs:.1f} LUFS"
         if self.lufs_out is not None and np.isfinite(self.lufs):
             level += f" -> {self.lufs_out:.1f} LUFS ({self.gain_db:+.1f} dB)"
-        silence = (f"leading silence {self.speech_start:.2f} s, trailing {self.trailing:.2f} s "
-                   f"({self.detector}{', trimmed' if self.trimmed else ''})")
-        return f"speech {self.seconds:.2f} s at {level}; {silence}"
+        if self.speech_end <= self.speech_start:
+            found = f"no speech found ({self.detector})"
+        else:
+            found = (f"leading silence {self.speech_start:.2f} s, trailing {self.trailing:.2f} s "
+                     f"({self.detector}{', trimmed' if self.trimmed else ''})")
+        return f"speech: {self.seconds:.2f} s decoded, at {level}; {found}"
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -61,6 +64,17 @@ def integrated_loudness(audio: np.ndarray, rate: int) -> float:
     return float(meter.integrated_loudness(np.resize(x, need) if x.size < need else x))
 
 
+def apply_gain(audio: np.ndarray, gain_db: float, peak_dbfs: float = -1.0) -> tuple[np.ndarray, float]:
+    """(``audio`` times the gain, then scaled so its sample peak is at most ``peak_dbfs``; the gain in dB
+    actually applied)."""
+    y = np.asarray(audio, np.float32).reshape(-1) * np.float32(10 ** (gain_db / 20))
+    peak, limit = float(np.abs(y).max()) if y.size else 0.0, 10 ** (peak_dbfs / 20)
+    if peak > limit:
+        y *= np.float32(limit / peak)
+        gain_db += 20 * np.log10(limit / peak)
+    return y, float(gain_db)
+
+
 def normalize_loudness(audio: np.ndarray, rate: int, target_lufs: float = -23.0,
                        peak_dbfs: float = -1.0) -> tuple[np.ndarray, float, float]:
     """(normalised float32 audio, measured LUFS, gain in dB applied); silence comes back unchanged."""
@@ -68,12 +82,8 @@ def normalize_loudness(audio: np.ndarray, rate: int, target_lufs: float = -23.0,
     lufs = integrated_loudness(x, rate)
     if not np.isfinite(lufs):
         return x.copy(), lufs, 0.0
-    gain = 10 ** ((target_lufs - lufs) / 20)
-    y = x * gain
-    peak, limit = float(np.abs(y).max()), 10 ** (peak_dbfs / 20)
-    if peak > limit:
-        y *= limit / peak
-    return y.astype(np.float32), lufs, float(20 * np.log10(gain * min(1.0, limit / peak if peak else 1.0)))
+    y, gain = apply_gain(x, target_lufs - lufs, peak_dbfs)
+    return y, lufs, gain
 
 
 def frame_db(audio: np.ndarray, rate: int) -> np.ndarray:

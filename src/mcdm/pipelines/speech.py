@@ -3,7 +3,9 @@
 1. where the speech starts and ends: the energy detector, or silero-vad (``silence_detector``);
 2. with ``trim_silence``, the leading and trailing silence cut (``silence_margin_seconds`` kept);
 3. the first ``seconds`` of it, padded to whole frames (:meth:`MCDMPipeline.prepare_speech`);
-4. loudness-normalised to ``loudness_lufs`` (peak at most ``peak_dbfs``) for the audio features.
+4. loudness-normalised to ``loudness_lufs`` (peak at most ``peak_dbfs``) for the audio features: the
+   integrated loudness is measured on all the speech decoded (the segment used and, with ``--seconds``,
+   the second after it: a recording's level, not its first words'), and that gain applied to the segment.
 
 The video's sound track is the segment at its own level (the speech the user gave, not a louder or
 quieter copy); only the features see the normalised one. Hallo's vocal separation needs a separation
@@ -21,8 +23,8 @@ from mcdm.config.generation import GenerationSettings
 from mcdm.errors import McdmError
 from mcdm.media.loudness import (
     SpeechReport,
+    apply_gain,
     integrated_loudness,
-    normalize_loudness,
     speech_bounds,
     speech_bounds_silero,
 )
@@ -59,12 +61,12 @@ def prepare_user_speech(pipe, audio: np.ndarray, settings: GenerationSettings,
         a, b = int(max(0.0, start - margin) * rate), int(min(audio.size / rate, end + margin) * rate)
         audio, trimmed = audio[a:b], (a, b) != (0, audio.size)
     segment, n_frames = pipe.prepare_speech(audio, seconds)
-    if settings.loudness_lufs is None:
-        features, lufs, gain, lufs_out = segment, integrated_loudness(segment, rate), 0.0, None
-    else:
-        features, lufs, gain = normalize_loudness(segment, rate, settings.loudness_lufs, settings.peak_dbfs)
-        lufs_out = lufs + gain if np.isfinite(lufs) else None
-    report = SpeechReport(seconds=given, lufs=lufs,
-                          lufs_out=lufs_out, gain_db=gain, speech_start=start, speech_end=end,
-                          detector=settings.silence_detector, trimmed=trimmed)
+    # the level is the recording's: measured on all the speech decoded, applied to the segment used
+    lufs = integrated_loudness(audio, rate)
+    features, gain, lufs_out = segment, 0.0, None
+    if settings.loudness_lufs is not None and np.isfinite(lufs):
+        features, gain = apply_gain(segment, settings.loudness_lufs - lufs, settings.peak_dbfs)
+        lufs_out = lufs + gain
+    report = SpeechReport(seconds=given, lufs=lufs, lufs_out=lufs_out, gain_db=gain, speech_start=start,
+                          speech_end=end, detector=settings.silence_detector, trimmed=trimmed)
     return PreparedSpeech(features, segment, n_frames, report)
