@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("train, eval", ("train", "eval"),
      "train: one engine, builders, the stages, base models, motion encoders, SyncNet; eval: metrics, evaluate, report"),
     ("experiments", ("experiments",), "ablation and sweep members: train, then evaluate"),
+    ("demo", ("demo",), "the Gradio web demo over generate_video()"),
     ("entry points", ("commands", "services"), "one thin module per `mcdm` command; the local MLflow / Prefect services"),
     ("cli", ("cli",), "`mcdm <command>`: the command table"),
 ]
