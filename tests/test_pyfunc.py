@@ -91,6 +91,7 @@ def test_the_champion_is_a_logged_pyfunc_with_a_signature(registry):
     assert version.source.startswith("models:/m-")  # a "Logged models" entry, not a raw folder
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == version.run_id and logged.name == "model"
+    assert logged.experiment_id == client.get_run(version.run_id).info.experiment_id  # not Default's ./mlruns
     info = mlflow.models.get_model_info(CHAMPION)
     assert "python_function" in info.flavors
     assert info.signature.inputs.input_names() == ["portrait", "audio", "seconds"]

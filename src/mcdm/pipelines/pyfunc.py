@@ -88,10 +88,16 @@ class TalkingFaceModel(mlflow.pyfunc.PythonModel):
 
 
 def log_pyfunc(bundle: str | Path, run_id: str, tracking_uri: str, name: str = "model"):
-    """Log ``bundle`` as the pyfunc model of run ``run_id``; the :class:`mlflow.models.model.ModelInfo`."""
+    """Log ``bundle`` as the pyfunc model of run ``run_id`` (a logged model of the run's experiment, its
+    artifacts in that experiment's store); the :class:`mlflow.models.model.ModelInfo`."""
     mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    # created here: Model.log alone would file it under the global current experiment (Default, ./mlruns)
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+                                       model_type="mcdm-talkingface")
     with warnings.catch_warnings():  # "An input example was not provided": one would run a generation here
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        return Model.log(None, mlflow.pyfunc, name=name, run_id=run_id, python_model=TalkingFaceModel(),
+        return Model.log(None, mlflow.pyfunc, name=name, run_id=run_id, model_id=model.model_id,
+                         python_model=TalkingFaceModel(),
                          artifacts={PYFUNC_ARTIFACT: str(bundle)}, signature=SIGNATURE,
                          pip_requirements=REQUIREMENTS)
