@@ -5,11 +5,25 @@ then a text file as the portrait shows the one-line error in the page. With MCDM
 screenshots go to docs/ (README shows them), else to the test's folder."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+
 import numpy as np
 import pytest
 import requests
 import skimage.data
-from conftest import TINY_PIPELINE, browser, docs_screenshot, free_port, screenshot_on_failure, tiny
+from conftest import (
+    TINY_PIPELINE,
+    browser,
+    docs_screenshot,
+    free_port,
+    run_cli,
+    screenshot_on_failure,
+    tiny,
+    tool_env,
+)
 from PIL import Image
 
 from mcdm.data.sample.speech import ESpeak
@@ -92,3 +106,37 @@ def test_demo_generates_a_video_that_plays_with_sound_and_shows_bad_input_in_one
         line = next(t for t in driver.find_element(By.TAG_NAME, "body").text.splitlines() if expected in t)
         assert line.endswith("a PNG or JPEG is expected"), line
         _shot(driver, tmp_path, "demo_error.png")
+
+
+def test_mcdm_demo_serves_on_loopback_until_stopped(demo, tmp_path, capsys):
+    """The command: a bad port is one line; `mcdm demo` answers on 127.0.0.1 and stops on SIGTERM (by its pid)."""
+    _, root = demo
+    code, _, err = run_cli(capsys, "demo", "--checkpoint", root / "ckpt", "--port", "70000")
+    assert code == 2 and err.strip() == "mcdm demo: error: --port 70000: a port is 1 to 65535", err
+    port = free_port()
+    with open(tmp_path / "demo.log", "wb") as log:
+        server = subprocess.Popen(["mcdm", "demo", "--checkpoint", str(root / "ckpt"), "--port", str(port)],
+                                  cwd=tmp_path, env=tool_env(), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert server.poll() is None, (tmp_path / "demo.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "no answer in 90 s"
+                try:
+                    page = requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+                    break
+                except requests.ConnectionError:
+                    time.sleep(0.5)
+            assert page.status_code == 200 and "MCDM talking face" in page.text
+            listening = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
+            local = {row[1] for row in listening if row[3] == "0A"}  # LISTEN sockets, hex address:port
+            assert f"0100007F:{port:04X}" in local and f"00000000:{port:04X}" not in local  # 127.0.0.1 only
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+    assert f"demo at http://127.0.0.1:{port}/" in (tmp_path / "demo.log").read_text()
