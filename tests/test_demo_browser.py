@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 import skimage.data
+import torch
 from conftest import (
     TINY_PIPELINE,
     browser,
@@ -113,6 +114,9 @@ def test_mcdm_demo_serves_on_loopback_until_stopped(demo, tmp_path, capsys):
     _, root = demo
     code, _, err = run_cli(capsys, "demo", "--checkpoint", root / "ckpt", "--port", "70000")
     assert code == 2 and err.strip() == "mcdm demo: error: --port 70000: a port is 1 to 65535", err
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "demo", "--checkpoint", root / "ckpt", "--device", "cuda")
+        assert code == 2 and err.strip().startswith("mcdm demo: error: --device cuda: CUDA is not available here"), err
     port = free_port()
     with open(tmp_path / "demo.log", "wb") as log:
         server = subprocess.Popen(["mcdm", "demo", "--checkpoint", str(root / "ckpt"), "--port", str(port)],

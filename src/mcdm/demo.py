@@ -29,6 +29,7 @@ from PIL import UnidentifiedImageError  # noqa: E402
 from mcdm.config import Params  # noqa: E402
 from mcdm.config.generation import GenerationSettings  # noqa: E402
 from mcdm.errors import McdmError  # noqa: E402
+from mcdm.pipelines.device import place, placement  # noqa: E402
 from mcdm.pipelines.loading import load_pipeline, needs_params  # noqa: E402
 from mcdm.pipelines.mcdm import MCDMPipeline  # noqa: E402
 from mcdm.pipelines.video import generate_video  # noqa: E402
@@ -62,6 +63,7 @@ class Checkpoints:
             params = self.settings.params if needs_params(folder) else None
             pipe = load_pipeline(folder, params)
             pipe.set_progress_bar_config(disable=True)
+            place(pipe, placement(self.settings.generation.device, self.settings.generation.dtype))
             self.loaded[checkpoint] = pipe
         return self.loaded[checkpoint]
 

@@ -8,6 +8,7 @@ from mcdm.config import load_params
 from mcdm.config.generation import GenerationSettings
 from mcdm.demo import DemoSettings, build, launch
 from mcdm.errors import McdmError
+from mcdm.pipelines.device import placement
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +17,7 @@ def run(_, args) -> int:
     if not 0 < args.port < 65536:
         raise McdmError(f"--port {args.port}: a port is 1 to 65535")
     generation = GenerationSettings(**({"device": args.device} if args.device else {}))
+    placement(generation.device, generation.dtype)  # a device that is not there: one line, before anything loads
     params = load_params(args.params) if args.params else None
     if params is None and args.checkpoint == "models":
         params = load_params("params.yaml")  # this repo's stages: the params they were trained with
