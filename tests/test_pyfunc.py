@@ -27,9 +27,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from mcdm.demo import Checkpoints, DemoSettings
 from mcdm.media.io import probe, write_wav
 from mcdm.pipelines.pyfunc import log_pyfunc
-from mcdm.tracking.registry import promote_by_metric
+from mcdm.tracking.registry import promote_by_metric, registry_aliases
 from mcdm.tracking.runs import PARENT_RUN_ENV, register_stage_model, stage_run
 from mcdm.tracking.store import default_tracking_uri
 from mcdm.train.builders import build_untrained_pipeline
@@ -164,3 +165,12 @@ def test_mlflow_models_serve_answers_a_request_on_loopback(registry, tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_the_demo_lists_every_alias_of_the_registered_model(registry, tmp_path):
+    _, uri = registry
+    aliases = [f"models:/{NAME}@champion", f"models:/{NAME}@candidate"]  # champion first
+    assert registry_aliases(NAME, uri) == aliases
+    assert registry_aliases(NAME, f"sqlite:///{tmp_path / 'none.db'}") == [] and not (tmp_path / "none.db").exists()
+    assert registry_aliases("no-such-model", uri) == []
+    assert Checkpoints(DemoSettings(checkpoint="models")).choices() == ["models", *aliases]  # MLFLOW_TRACKING_URI
