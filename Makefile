@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mcdm-install-stamp
+TEST_STAMP := $(VENV)/.mcdm-test-install-stamp
 PYTEST_ARGS ?=
 # stages call `mcdm`, `dvc`, `deepspeed` from the venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -21,6 +22,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
 
+# the test extra (pytest, selenium): only what the suite needs, not a runtime dependency
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
 ## the main job: the whole DVC pipeline on the embedded default (sample data, tiny models, CPU)
@@ -28,7 +34,7 @@ run: install
 	$(VENV)/bin/dvc repro
 
 ## the test suite (pytest exit 5, "no tests collected", is not a failure)
-test: install browser
+test: $(TEST_STAMP) browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
@@ -61,13 +67,13 @@ mlflow-ui: install
 mlflow-down:
 	@$(PY) -m mcdm.services stop mlflow-ui --run-dir $(RUN_DIR)
 
-## Debian's chromium + chromedriver for the MLflow UI browser test: installed only when running as
-## root with apt-get; elsewhere that one test skips and says why. The core set-up needs only pip.
+## Debian's chromium + chromedriver for the browser tests (the web demo, the MLflow UI): installed only
+## when running as root with apt-get; elsewhere those tests skip and say why. The core set-up needs only pip.
 browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium + chromium-driver (apt-get) for the MLflow UI browser test"; \
+	    echo "installing chromium + chromium-driver (apt-get) for the browser tests"; \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
-	      >/dev/null 2>&1 || echo "browser install failed: the MLflow UI browser test will skip"; \
-	  else echo "not root or no apt-get: the MLflow UI browser test will skip"; fi; \
+	      >/dev/null 2>&1 || echo "browser install failed: the browser tests will skip"; \
+	  else echo "not root or no apt-get: the browser tests will skip"; fi; \
 	fi

@@ -1,6 +1,7 @@
 """Shared fixtures: a temporary copy of the project (its own git + DVC repo) and free ports."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,6 +44,56 @@ def tiny(base: dict, **overrides):
     from mcdm.config import Params, deep_merge
 
     return Params.model_validate(deep_merge(base, overrides))
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``mcdm ARGV`` run in this process."""
+    from mcdm import cli
+
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def browser(window: str = "1400,1000", *extra: str):
+    """Headless Debian chromium driven by selenium (skips, saying why, where it is not installed)."""
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("needs Debian's chromium + chromium-driver; `make test` installs them with apt-get "
+                    "when run as root, and could not here")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}", *extra):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(driver, folder: Path):
+    """The driver's page saved to ``folder/failure.png`` when the block fails; the driver quit after it."""
+    try:
+        yield driver
+    except Exception:
+        driver.save_screenshot(str(folder / "failure.png"))
+        print("screenshot of the failing page:", folder / "failure.png")
+        raise
+    finally:
+        driver.quit()
+
+
+def docs_screenshot(shot: Path) -> None:
+    """With MCDM_DOCS_SCREENSHOTS=1, ``shot`` becomes docs/<its name> (256 colours: README pictures stay
+    small); a plain test run leaves docs/ alone."""
+    if os.environ.get("MCDM_DOCS_SCREENSHOTS") == "1":
+        from PIL import Image
+
+        with Image.open(shot) as img:
+            img.convert("RGB").quantize(256).save(ROOT / "docs" / shot.name, optimize=True)
 
 
 def free_port() -> int:

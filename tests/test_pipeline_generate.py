@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
-from conftest import TINY_PIPELINE, tiny
+from conftest import TINY_PIPELINE, run_cli, tiny
 from PIL import Image
 
-from mcdm import cli
 from mcdm.config import Params, dump_params
 from mcdm.media.io import probe, read_audio, write_video, write_wav
 from mcdm.pipelines.mcdm import MCDMPipeline
@@ -47,12 +46,6 @@ def files(tmp_path_factory, params, pipe):
     (root / "params.yaml").write_text(dump_params(params))
     pipe.save_pretrained(root / "ckpt")
     return root
-
-
-def _run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_reference_crop_frames_the_face_like_the_faces_stage(params):
@@ -137,19 +130,18 @@ def test_landmark_video_drives_generation(pipe, params, tmp_path):
                landmarks=track.landmarks, generator=torch.Generator().manual_seed(0))
     assert out.frames.shape == (8, side, side, 3)
     video = generate_video(pipe, skimage.data.astronaut(), np.zeros(16000, np.float32) + 0.01, tmp_path / "out.mp4",
-                           seconds=8 / params.data.fps, landmarks=tmp_path / "drive.mp4",
-                           generator=torch.Generator().manual_seed(0))
+                           seconds=8 / params.data.fps, landmarks=tmp_path / "drive.mp4", seed=0)
     assert probe(video.path).n_frames == 8
 
 
 def test_generate_cli_writes_mp4_with_audio(files, capsys):
     out = files / "talk.mp4"
-    code, stdout, stderr = _run_cli(capsys, "--params", str(files / "params.yaml"), "generate", "--ref",
+    code, stdout, stderr = run_cli(capsys, "--params", str(files / "params.yaml"), "generate", "--ref",
                                     str(files / "face.png"), "--audio", str(files / "speech.wav"), "--out", str(out),
                                     "--checkpoint", str(files / "ckpt"), "--seconds", "0.6")
     assert code == 0, stderr
     info = probe(out)
-    assert info.has_audio and info.n_frames == 15 and (info.width, info.height) == (64, 64)
+    assert info.has_audio and info.n_frames == 15 and (info.width, info.height) == (512, 512)  # the portrait's
     audio = read_audio(out)
     assert abs(len(audio) / 16000 - 0.6) < 0.08  # the first 0.6 s of the input audio, muxed (AAC)
     assert 0.1 < np.sqrt(np.mean(audio**2)) < 0.3  # the input's RMS (~0.19), not silence
@@ -187,7 +179,7 @@ def _bad(files, tmp_path, case: str) -> list[str]:
     ("other variant", "is variant 'wo_fa', but params.variant is 'full'"),
 ])
 def test_generate_bad_input_is_one_line_error(files, tmp_path, capsys, case, expected):
-    code, stdout, stderr = _run_cli(capsys, *_bad(files, tmp_path, case))
+    code, stdout, stderr = run_cli(capsys, *_bad(files, tmp_path, case))
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mcdm generate: error:") and expected in lines[0], stderr

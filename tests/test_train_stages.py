@@ -187,6 +187,8 @@ def test_stages_train_exactly_their_parameters_and_chain(project, tracking):
         assert torch.equal(value, task3.parts[DENOISER].state_dict()[name]), name
     assert m3["registered_version"] == "1"
     client = MlflowClient(tracking_uri=tracking)
+    version = MlflowClient(tracking_uri=tracking, registry_uri=tracking).get_model_version(params.registry.name, "1")
+    assert version.source.startswith("models:/m-")  # the bundle inside a logged pyfunc (decisions.md #28)
     runs = client.search_runs([client.get_experiment_by_name("mcdm").experiment_id], "tags.stage = 'train_stage3'")
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3, 4]
 

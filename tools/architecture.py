@@ -30,7 +30,7 @@ DISPATCH = {"cli.py"}  # the one module allowed to import mcdm modules by name a
 
 # Bottom to top. Each entry: (layer name, packages or top-level modules of src/mcdm, what they hold).
 LAYERS: list[tuple[str, tuple[str, ...], str]] = [
-    ("errors", ("errors",), "the one-line user error"),
+    ("errors", ("errors", "logs"), "the one-line user error; logging set-up"),
     ("config", ("config",), "the params schema: every key and default, once"),
     ("leaves", ("media", "face", "benchmark_results"),
      "media: PyAV / soundfile I/O, atomic writes, the models/ and bundle folder layout; "
@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("train, eval", ("train", "eval"),
      "train: one engine, builders, the stages, base models, motion encoders, SyncNet; eval: metrics, evaluate, report"),
     ("experiments", ("experiments",), "ablation and sweep members: train, then evaluate"),
+    ("demo", ("demo",), "the Gradio web demo over generate_video()"),
     ("entry points", ("commands", "services"), "one thin module per `mcdm` command; the local MLflow / Prefect services"),
     ("cli", ("cli",), "`mcdm <command>`: the command table"),
 ]

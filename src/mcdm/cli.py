@@ -18,6 +18,7 @@ from typing import Optional
 
 from mcdm.config import ParamsError, load_params
 from mcdm.errors import McdmError
+from mcdm.logs import LEVELS, configure
 
 # name -> (module under mcdm.commands, one-line help), in pipeline order
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("ablate", "one ablation / alpha-sweep member: retrain its stages, evaluate it"),
     "claims": ("claims", "the paper's claims answered: effects, 95% intervals, n, supported / refuted / inconclusive"),
     "report": ("report", "ablation tables, alpha sweep and report.md from the pipeline's reports"),
-    "generate": ("generate", "generate a talking-face video from a portrait and speech"),
+    "generate": ("generate", "generate a talking-face video from a portrait and speech (or a batch of pairs)"),
+    "demo": ("demo", "the web demo (Gradio) on 127.0.0.1: portrait + speech in, video out"),
 }
 
 
@@ -60,7 +62,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
         prog="mcdm",
         description="MCDM long-term talking-face pipeline: each subcommand is a DVC stage (see dvc.yaml).",
     )
-    parser.add_argument("--params", default="params.yaml", help="params file to validate and read (default: params.yaml)")
+    parser.add_argument("--params", default=None, help="params file to validate and read (default: params.yaml; "
+                                                       "generate: the checkpoint's own)")
+    parser.add_argument("--log-level", default="info", choices=LEVELS, help="messages shown on stderr (default: info)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     for name, (module, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
@@ -82,6 +86,9 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_of(argv)).parse_args(argv)
+    configure(args.log_level)
+    if args.params is None and not args.spec.params_file_optional:
+        args.params = "params.yaml"
     in_main = threading.current_thread() is threading.main_thread()  # signals can only be set there
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:

@@ -41,11 +41,13 @@ def switch(flag: str, help: str) -> Arg:
 class Command:
     """A command: its arguments and ``run(params, args) -> exit code`` (None counts as 0). Commands
     that read no params set ``needs_params=False`` and get None; ``add_arguments`` replaces ``args``
-    for a command with sub-commands of its own."""
+    for a command with sub-commands of its own. ``params_file_optional``: ``args.params`` stays None
+    unless ``--params`` is given (``mcdm generate`` reads the checkpoint's own params)."""
 
     run: Callable[[Optional[Params], argparse.Namespace], Optional[int]]
     args: tuple[Arg, ...] = ()
     needs_params: bool = True
+    params_file_optional: bool = False
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
 
     def register(self, parser: argparse.ArgumentParser) -> None:

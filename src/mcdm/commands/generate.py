@@ -1,73 +1,122 @@
-"""`mcdm generate`: a portrait + speech (+ optional landmark video) -> a long talking-face mp4.
+"""`mcdm generate`: a portrait + speech (+ optional landmark video) -> a long talking-face mp4 at the
+portrait's resolution; or every row of a ``--batch`` file with the model loaded once.
 
-Checks the inputs first (image readable, audio decodes and is not empty), loads the checkpoint (this
-repo's ``models/`` folder by default; a bundle or pipeline folder; or ``models:/name@alias`` from the
-MLflow registry), refuses a checkpoint of another variant than ``params.variant``, and streams the
-video clip by clip into ``--out`` with the audio muxed in and a progress bar in frames.
+Runs from any folder: the checkpoint (a bundle or pipeline folder, or ``models:/name@alias`` from the
+MLflow registry at ``MLFLOW_TRACKING_URI``) carries the params it was trained with; only this repo's
+``models/`` folder (the default) reads ``params.yaml``. Inputs are checked before the model loads;
+the video is written clip by clip with a progress bar (``--stream``: a fragmented MP4 that plays while
+it grows). ``--params`` given: the checkpoint must be of its variant.
 """
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
-import torch
-
-from mcdm.commands.args import Command, optional, out, positive_seconds, required
+from mcdm.commands.args import Command, optional, positive_seconds, switch
+from mcdm.config import load_params
+from mcdm.config.generation import GenerationSettings
 from mcdm.errors import McdmError
-from mcdm.pipelines.loading import load_pipeline
-from mcdm.pipelines.preprocessing import crop_portrait, read_image, read_speech
-from mcdm.pipelines.video import generate_video
+from mcdm.pipelines.batch import read_batch, run_batch
+from mcdm.pipelines.device import place, placement
+from mcdm.pipelines.loading import load_pipeline, needs_params
+from mcdm.pipelines.video import check_output, generate_video, read_inputs
 from mcdm.tracking.registry import resolve_checkpoint
 
-
-def check_output(path: str) -> Path:
-    """``--out``: an mp4 file name in a writable folder, checked before anything is generated."""
-    out = Path(path)
-    if out.is_dir():
-        raise McdmError(f"--out {path}: is a folder, not a file name")
-    if out.suffix.lower() != ".mp4":
-        raise McdmError(f"--out {path}: the output is an mp4 file (name it *.mp4)")
-    folder = out.parent
-    if not folder.is_dir():
-        raise McdmError(f"--out {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise McdmError(f"--out {path}: the folder {folder} is not writable")
-    return out
+log = logging.getLogger(__name__)
 
 
-def run(params, args) -> None:
+def lufs(text: str):
+    """``--lufs``: a target loudness (LUFS, <= 0) or ``off``."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise McdmError(f"--lufs {text}: a loudness in LUFS (e.g. -23) or off") from None
+    if not value <= 0:
+        raise McdmError(f"--lufs {text}: loudness is <= 0 LUFS")
+    return value
+
+
+def settings_of(args) -> GenerationSettings:
+    """The defaults of :class:`GenerationSettings` with the options given."""
+    given = {"device": args.device, "dtype": args.dtype, "silence_detector": args.silence_detector}
+    values = {k: v for k, v in given.items() if v is not None}
+    if args.lufs is not None:
+        values["loudness_lufs"] = lufs(args.lufs)
+    values.update({k: True for k in ("crop_only", "trim_silence") if getattr(args, k)})
+    return GenerationSettings(**values)
+
+
+def run(_, args) -> int:
     if args.steps is not None and args.steps < 1:
         raise McdmError(f"--steps: must be >= 1 (got {args.steps})")
-    check_output(args.out)
+    single = [f"--{k}" for k in ("ref", "audio", "out") if getattr(args, k) is None]
+    if args.batch is None and single:
+        raise McdmError(f"{', '.join(single)}: required (or --batch FILE)")
+    if args.batch is not None and len(single) < 3:
+        raise McdmError("--batch: the pairs come from the file; leave out --ref, --audio and --out")
+    settings = settings_of(args)
+    where = placement(settings.device, settings.dtype)
+    params = load_params(args.params) if args.params else None
     # 1. cheap input checks first, each a one-line error naming the file (only the audio used is decoded)
-    image = read_image(args.ref)
-    audio = read_speech(args.audio, params.data.audio_rate, seconds=args.seconds)
-    # 2. the checkpoint, of the variant the params ask for
-    pipe = load_pipeline(resolve_checkpoint(args.checkpoint), params)
+    rows = read_batch(args.batch) if args.batch else None
+    if rows is None:
+        check_output(args.out)
+        read_inputs(args.ref, args.audio, seconds=args.seconds, settings=settings)
+    # 2. the checkpoint (its own params unless it is a models/ folder), on the device asked for
+    folder = resolve_checkpoint(args.checkpoint)
+    if params is None and needs_params(folder) and Path(folder).is_dir():
+        params = load_params("params.yaml")
+    pipe = load_pipeline(folder, params)
     pipe.register_to_config(provenance={**pipe.config.provenance, "source": str(args.checkpoint)})
-    pipe.check_variant(params.variant)
-    steps = args.steps or params.eval.steps
-    seed = params.seed if args.seed is None else args.seed
-    # 3. the face of the portrait, cropped as the checkpoint's training clips were
-    portrait = crop_portrait(image, pipe.data_params, what=args.ref)
-    if portrait.n_faces > 1:
-        print(f"{args.ref}: {portrait.n_faces} faces found; using the most confident one")
-    # 4. generate, streaming into the mp4
-    result = generate_video(pipe, portrait.image, audio, args.out, seconds=args.seconds, landmarks=args.landmarks,
-                            num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                            crop_face=False, ref_landmarks=portrait.landmarks)
-    print(f"wrote {result.path}: {result.n_frames} frames ({result.n_frames / result.fps:.2f} s at {result.fps:g} fps, "
-          f"audio muxed), variant {pipe.variant}, alpha {pipe.denoiser.config.alpha:g}, {steps} steps per clip")
+    if params is not None:
+        pipe.check_variant(params.variant)
+    place(pipe, where)
+    seed = args.seed if args.seed is not None else (params.seed if params else int(pipe.config.provenance.get("seed", 0)))
+    model = (f"variant {pipe.variant}, alpha {pipe.denoiser.config.alpha:g}, "
+             f"{args.steps or pipe.config.default_steps} steps per clip, on {where.describe()}")
+
+    def one(ref, audio, out, seconds, row_seed, steps):
+        result = generate_video(pipe, ref, audio, out, settings=settings, seconds=seconds, steps=steps or args.steps,
+                                seed=row_seed, stream=args.stream, landmarks=args.landmarks)
+        log.info(result.speech.line())
+        if result.n_faces > 1:
+            log.warning(f"{ref}: {result.n_faces} faces found; used the most confident one")
+        return result
+
+    if rows is None:
+        print(f"{one(args.ref, args.audio, args.out, args.seconds, seed, args.steps).line()}; {model}")
+        return 0
+    log.info(f"{args.checkpoint}: {model}")
+    results = run_batch(rows, lambda r: one(r.portrait, r.audio, r.out, r.seconds or args.seconds,
+                                            seed if r.seed is None else r.seed, r.steps))
+    failed = [r for r in results if not r.ok]
+    print(f"batch {args.batch}: {len(results) - len(failed)} of {len(results)} videos written"
+          + (f"; failed: rows {', '.join(str(r.row.number) for r in failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 COMMAND = Command(run, (
-    required("--ref", "reference portrait (png / jpg; the face is found and cropped)"),
-    required("--audio", "speech (wav / mp3 / flac / any video with audio), resampled to 16 kHz mono"),
-    out("output mp4 (H.264 + AAC, the input audio muxed in)"),
+    optional("--ref", "reference portrait (png / jpg; the face is found, and the video has its resolution)"),
+    optional("--audio", "speech (wav / mp3 / flac / any video with audio), resampled to 16 kHz mono"),
+    optional("--out", "output mp4 (H.264 + AAC, the input audio muxed in)"),
+    optional("--batch", "CSV or YAML file of rows portrait, audio, out[, seconds, seed, steps] (paths relative to "
+                        "it): every row generated with the model loaded once; a failing row is reported, the rest run"),
     optional("--landmarks", "optional driving video: its face landmarks and head pose guide the motion"),
     optional("--seconds", "generate only the first N seconds of the audio", type=positive_seconds),
-    optional("--checkpoint", "models/ folder of this repo's stages (default), a bundle or pipeline folder, "
-                             "or models:/name@alias", default="models"),
-    optional("--steps", "denoising steps per clip (default: eval.steps)", type=int),
-    optional("--seed", "noise seed (default: params seed)", type=int),
-))
+    optional("--checkpoint", "models/ folder of this repo's stages (default; reads params.yaml), a bundle or pipeline "
+                             "folder, or models:/name@alias (MLflow registry at MLFLOW_TRACKING_URI)", default="models"),
+    optional("--steps", "denoising steps per clip (default: the checkpoint's eval.steps)", type=int),
+    optional("--seed", "noise seed (default: the checkpoint's seed)", type=int),
+    optional("--device", "auto (CUDA when present), cpu, cuda or cuda:N (default: auto)"),
+    optional("--dtype", "auto (half precision on CUDA, float32 on CPU), float32, float16, bfloat16",
+             choices=("auto", "float32", "float16", "bfloat16")),
+    switch("--crop-only", "write the model's face crop only (research), not the face pasted into the portrait"),
+    switch("--stream", "write a fragmented MP4 that plays while it is generated; report time to first frame and "
+                       "the real-time factor"),
+    optional("--lufs", "loudness target of the speech before its features, LUFS (default -23), or off"),
+    switch("--trim-silence", "cut leading and trailing silence before generating (else only reported)"),
+    optional("--silence-detector", "energy (default) or silero (voice activity model shipped in its package)",
+             choices=("energy", "silero")),
+), needs_params=False, params_file_optional=True)

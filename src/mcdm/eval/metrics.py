@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from skimage.metrics import structural_similarity
 
 from mcdm.errors import McdmError
 from mcdm.eval.detectors import Deep3DExpression, I3DFeatures, InceptionFeatures, as_frames, as_videos, split_clips
@@ -75,29 +75,17 @@ def _frechet_result(name: str, backend: str, real: np.ndarray, fake: np.ndarray,
 SSIM_BACKEND = "ssim-wang2004:gaussian11-sigma1.5-per-channel"
 
 
-def _gaussian_taps(sigma: float = 1.5, radius: int = 5) -> torch.Tensor:
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    return g / g.sum()
-
-
 def ssim(a, b, data_range: float, channel_axis: int | None = -1, k1: float = 0.01, k2: float = 0.03,
          sigma: float = 1.5) -> float | np.ndarray:
-    """Mean SSIM of ``a`` vs ``b`` per image, in float64.
+    """Mean SSIM of ``a`` vs ``b`` per image: scikit-image's ``structural_similarity`` with Wang et
+    al. (2004)'s settings (Gaussian window, sigma 1.5, population covariance), in float64.
 
     Layout: ``(H, W, C)`` or ``(N, H, W, C)`` with ``channel_axis=-1``; ``(H, W)`` or ``(N, H, W)``
     with ``channel_axis=None`` (numpy or torch). Colour images: SSIM per channel, then the mean
-    over channels (scikit-image's ``structural_similarity(..., channel_axis=-1)``). Returns a float
-    for one image, an ``(N,)`` array for a batch.
-
-    Per pixel, with Gaussian-weighted local statistics (11 taps, sigma 1.5, population variances):
-        SSIM = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2)),
-        C1 = (K1 L)^2, C2 = (K2 L)^2, L = data_range,
-    averaged over the pixels whose window lies inside the image (a "valid" filter, which is
-    scikit-image's crop of (win - 1) / 2 pixels at each border).
+    over channels. Returns a float for one image, an ``(N,)`` array for a batch.
     """
-    x = a.detach().cpu().to(torch.float64) if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a, np.float64))
-    y = b.detach().cpu().to(torch.float64) if isinstance(b, torch.Tensor) else torch.from_numpy(np.array(b, np.float64))
+    x = a.detach().cpu().to(torch.float64).numpy() if isinstance(a, torch.Tensor) else np.array(a, np.float64)
+    y = b.detach().cpu().to(torch.float64).numpy() if isinstance(b, torch.Tensor) else np.array(b, np.float64)
     if x.shape != y.shape:
         raise McdmError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
     if data_range <= 0:
@@ -108,26 +96,16 @@ def ssim(a, b, data_range: float, channel_axis: int | None = -1, k1: float = 0.0
         raise McdmError(f"ssim: expected {'(N,) H, W' if channel_axis is None else '(N,) H, W, C'}; got {tuple(x.shape)}")
     if single:
         x, y = x[None], y[None]
-    if channel_axis is None:
-        x, y = x[:, None], y[:, None]  # (N, 1, H, W)
-    else:
-        x, y = torch.movedim(x, channel_axis, 1), torch.movedim(y, channel_axis, 1)  # (N, C, H, W)
-    n, c, h, w = x.shape
-    taps = _gaussian_taps(sigma)
-    if min(h, w) < len(taps):
-        raise McdmError(f"ssim: images must be at least {len(taps)} px on each side; got {h}x{w}")
-    kv, kh = taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)
-
-    def blur(z: torch.Tensor) -> torch.Tensor:  # separable Gaussian filter, valid region only
-        return F.conv2d(F.conv2d(z.reshape(n * c, 1, h, w), kv), kh)
-
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    s_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    per_image = s_map.reshape(n, -1).mean(dim=1).numpy()
+    if channel_axis is not None:
+        x, y = np.moveaxis(x, channel_axis, -1), np.moveaxis(y, channel_axis, -1)  # (N, H, W, C)
+    h, w = x.shape[1:3]
+    window = 2 * int(3.5 * sigma + 0.5) + 1  # scikit-image's Gaussian window
+    if min(h, w) < window:
+        raise McdmError(f"ssim: images must be at least {window} px on each side; got {h}x{w}")
+    axis = None if channel_axis is None else -1
+    per_image = np.array([structural_similarity(p, q, gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+                                                data_range=data_range, channel_axis=axis, K1=k1, K2=k2)
+                          for p, q in zip(x, y)], np.float64)
     return float(per_image[0]) if single else per_image
 
 

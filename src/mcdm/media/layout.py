@@ -53,6 +53,8 @@ MODELS_LAYOUT = {
 BUNDLE_LAYOUT = {"base": ".", DENOISER: DENOISER, MOTION_PRIOR: MOTION_PRIOR, AUDIO_TOKENS: AUDIO_TOKENS,
                  LANDMARK_GUIDER: LANDMARK_GUIDER, "head_encoder": HEAD_ENCODER}
 BUNDLE_PARAMS = "params.yaml"
+# The registered MLflow model (a pyfunc, decisions.md #28): the bundle is its artifact named PYFUNC_ARTIFACT.
+MLMODEL, PYFUNC_ARTIFACT = "MLmodel", "bundle"
 
 
 def bundle_stage_json(stage: int) -> str:
@@ -120,3 +122,19 @@ def bundle_paths(bundle_dir: str | Path) -> dict[str, Path]:
 def missing_component(path: Path | None, component: str) -> MissingStageOutput:
     """The one-line error for a component folder that is not there, naming the stage that writes it."""
     return MissingStageOutput(path or component, MODELS_LAYOUT[component][1])
+
+
+def pyfunc_bundle(folder: str | Path) -> Path | None:
+    """The bundle inside a downloaded MLflow pyfunc model folder (its ``MLmodel`` names the artifact's
+    path), or None when ``folder`` is not one."""
+    import yaml
+
+    mlmodel = Path(folder) / MLMODEL
+    if not mlmodel.is_file():
+        return None
+    try:
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        path = flavor["artifacts"][PYFUNC_ARTIFACT]["path"]
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+        raise McdmError(f"{mlmodel}: an MLflow model without a {PYFUNC_ARTIFACT!r} artifact: not an MCDM model") from None
+    return Path(folder) / path

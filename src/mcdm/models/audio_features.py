@@ -8,7 +8,6 @@ Both are callables ``(audio_16k, fps, n_frames) -> (T, dim)`` with a ``name`` la
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from transformers import Wav2Vec2Model
+from transformers.audio_utils import mel_filter_bank
 
 from mcdm.errors import McdmError
 from mcdm.models.loading import load_transformers_folder
@@ -27,30 +27,13 @@ AUDIO_RATE = 16000
 # =============================================================================================
 # Audio: log-mel fallback and wav2vec2, one feature row per video frame
 # =============================================================================================
-def hz_to_mel(hz: torch.Tensor) -> torch.Tensor:
-    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
-    f_sp, min_log_hz = 200.0 / 3.0, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-    return torch.where(hz < min_log_hz, hz / f_sp, min_log_mel + torch.log(hz.clamp(min=1e-10) / min_log_hz) / logstep)
-
-
-def mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
-    f_sp, min_log_hz = 200.0 / 3.0, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-    return torch.where(mel < min_log_mel, mel * f_sp, min_log_hz * torch.exp(logstep * (mel - min_log_mel)))
-
-
 def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: Optional[float] = None) -> torch.Tensor:
-    """(n_freqs, n_mels) triangular filters on the Slaney mel scale, Slaney (area) normalised."""
+    """(n_freqs, n_mels) triangular filters on the Slaney mel scale, Slaney (area) normalised: the
+    library's (``transformers.audio_utils.mel_filter_bank``, what Whisper's and wav2vec2's feature
+    extractors use)."""
     f_max = sample_rate / 2 if f_max is None else f_max
-    fft_hz = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
-    mel_pts = torch.linspace(float(hz_to_mel(torch.tensor(f_min))), float(hz_to_mel(torch.tensor(f_max))), n_mels + 2, dtype=torch.float64)
-    hz_pts = mel_to_hz(mel_pts)
-    lo, ctr, hi = hz_pts[:-2], hz_pts[1:-1], hz_pts[2:]
-    up = (fft_hz[:, None] - lo) / (ctr - lo)
-    down = (hi - fft_hz[:, None]) / (hi - ctr)
-    fb = torch.clamp(torch.minimum(up, down), min=0.0)
-    return (fb * (2.0 / (hi - lo))).float()
+    return torch.from_numpy(mel_filter_bank(n_freqs, n_mels, f_min, f_max, sample_rate, norm="slaney",
+                                            mel_scale="slaney")).float()
 
 
 def logmel(audio: torch.Tensor, sample_rate: int = AUDIO_RATE, n_mels: int = 80, n_fft: int = 512,

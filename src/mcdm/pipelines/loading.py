@@ -181,19 +181,31 @@ def checkpoint_folder(checkpoint: str | Path) -> Path:
     return path
 
 
+def needs_params(checkpoint: str | Path) -> bool:
+    """Whether loading ``checkpoint`` needs the params it was trained with: only a ``models/`` folder
+    does (a bundle, a pipeline folder and a registered MLflow model carry their own)."""
+    path = Path(checkpoint)
+    if layout.pyfunc_bundle(path) is not None or (path / "model_index.json").is_file():
+        return False
+    return not ((path / layout.DENOISER).is_dir() and (path / layout.ENCODERS_JSON).is_file())
+
+
 def load_pipeline(checkpoint: str | Path, params: Optional[Params] = None,
                   device: str | torch.device = "cpu") -> MCDMPipeline:
-    """A ``models/`` folder of this repo's stages, the bundle stage 3 registers, a stage-3 output folder
-    beside ``base/``, or a ``save_pretrained`` pipeline folder. ``params`` is needed only for a
-    ``models/`` folder (a bundle and a pipeline folder carry their own)."""
+    """A ``models/`` folder of this repo's stages, the bundle stage 3 registers (or the MLflow pyfunc
+    model that holds it), a stage-3 output folder beside ``base/``, or a ``save_pretrained`` pipeline
+    folder. ``params`` is needed only for a ``models/`` folder (the others carry their own)."""
     path = checkpoint_folder(checkpoint)
+    inner = layout.pyfunc_bundle(path)
+    if inner is not None:
+        path = checkpoint_folder(inner)
     if (path / "model_index.json").is_file():
         pipe = _load_pretrained(path).to(device)
     elif (path / layout.DENOISER).is_dir() and (path / layout.ENCODERS_JSON).is_file():
         pipe = load_from_bundle(path, params, device)
     else:
         if params is None:
-            raise McdmError(f"{path}: a models/ folder needs the params it was trained with")
+            raise McdmError(f"{path}: a models/ folder needs the params it was trained with (--params params.yaml)")
         if (path / layout.MODELS_LAYOUT[layout.DENOISER][0]).is_dir() or (path / "base").is_dir():
             pipe = load_from_models_dir(path, params, device=device)
         elif (path / layout.DENOISER).is_dir() and (path.parent / "base").is_dir():  # a stage-3 folder

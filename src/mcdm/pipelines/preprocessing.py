@@ -46,6 +46,7 @@ class PortraitCrop:
     landmarks: np.ndarray  # (68, 2) float32, crop pixels
     face_box: tuple[float, float, float, float]  # l, t, r, b in source pixels
     n_faces: int  # faces dlib found in the portrait (the most confident one is used)
+    square: tuple[int, int, int, int] = (0, 0, 0, 0)  # l, t, r, b of the crop in source pixels (paste-back)
 
 
 @dataclass
@@ -121,7 +122,8 @@ def crop_portrait(image: np.ndarray, data: DataParams, what: str = "reference im
     square = crop_boxes(box[None], h, w, data.crop_scale)[0]
     crop = crop_square(image, square, data.resolution)
     landmarks = to_crop_coords(face.landmarks(image, tuple(int(round(v)) for v in box)), square, data.resolution)
-    return PortraitCrop(crop, landmarks.astype(np.float32), tuple(float(v) for v in box), len(faces))
+    return PortraitCrop(crop, landmarks.astype(np.float32), tuple(float(v) for v in box), len(faces),
+                        tuple(int(v) for v in square))
 
 
 def driving_landmarks(path: str | os.PathLike, data: DataParams, n_frames: int) -> DrivingTrack:

@@ -10,12 +10,15 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from mcdm.tracking.registry import CANDIDATE
 from mcdm.tracking.store import OFFLINE_DIR, check_sqlite, experiment_id, http_defaults, no_retries
 
 PIPELINE_TAG = "mcdm.pipeline"  # the tag that keys the parent run of one dvc repro
+# (model folder, run id, tracking URI) -> the ModelInfo of a model logged to that run (an MLflow flavour
+# that holds the folder: mcdm.pipelines.pyfunc.log_pyfunc); it sets the global tracking URI
+ModelLogger = Callable[[Path, str, str], Any]
 
 
 class MlflowRun:
@@ -90,17 +93,24 @@ class MlflowRun:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def register(self, model_dir: Path, name: str, tags: Mapping[str, str]) -> Optional[str]:
+    def register(self, model_dir: Path, name: str, tags: Mapping[str, str],
+                 log_model: Optional[ModelLogger] = None) -> Optional[str]:
         from mlflow.exceptions import MlflowException
 
-        self.artifact(model_dir, "model")
+        if log_model is None:  # the folder as the run's artifact
+            source, model_id = f"{self.artifact_uri}/model", None
+        else:  # a logged model (e.g. the pyfunc holding the folder)
+            info = log_model(model_dir, self.run_id, self.uri)
+            source, model_id = info.model_uri, info.model_id
         try:
             self.client.create_registered_model(name)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        version = self.client.create_model_version(name, source=f"{self.artifact_uri}/model", run_id=self.run_id,
-                                                   tags=dict(tags)).version
+        if log_model is None:
+            self.artifact(model_dir, "model")
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id, tags=dict(tags),
+                                                   model_id=model_id).version
         self.client.set_registered_model_alias(name, CANDIDATE, version)
         self.log(tags={"registered_model": name, "registered_version": version})
         return str(version)
@@ -158,7 +168,8 @@ class JsonlRun:
         (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest)
         self._write({"kind": "artifact", "path": str(dest), "artifact_path": artifact_path})
 
-    def register(self, model_dir: Path, name: str, tags: Mapping[str, str]) -> Optional[str]:
+    def register(self, model_dir: Path, name: str, tags: Mapping[str, str],
+                 log_model: Optional[ModelLogger] = None) -> Optional[str]:
         self._write({"kind": "register_skipped", "model_dir": str(model_dir), "name": name, "tags": dict(tags)})
         return None
 

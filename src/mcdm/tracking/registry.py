@@ -56,6 +56,9 @@ def download_model(uri: str, tracking: Optional[str] = None) -> Path:
     import mlflow
 
     tracking = tracking or tracking_uri()
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
+        raise McdmError(f"{uri}: no MLflow store at {tracking} (outside the project, set MLFLOW_TRACKING_URI to "
+                        "the registry's store, e.g. sqlite:////path/to/mcdm/mlflow.db)")
     try:
         mlflow.set_tracking_uri(tracking)
         mlflow.set_registry_uri(tracking)
@@ -69,3 +72,18 @@ def download_model(uri: str, tracking: Optional[str] = None) -> Path:
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """A registry URI (``models:/...``) downloaded to a local folder; any other path as it is."""
     return download_model(str(checkpoint)) if str(checkpoint).startswith("models:/") else Path(checkpoint)
+
+
+def registry_aliases(name: str, tracking: Optional[str] = None) -> list[str]:
+    """``models:/name@alias`` of every alias of ``name`` in the store (champion first); [] when there is
+    no store or no such model (a listing, never an error)."""
+    from mlflow import MlflowClient
+
+    tracking = tracking or tracking_uri()
+    if tracking.startswith("sqlite:///") and not Path(tracking.removeprefix("sqlite:///")).is_file():
+        return []
+    try:
+        aliases = MlflowClient(tracking_uri=tracking, registry_uri=tracking).get_registered_model(name).aliases
+    except Exception:  # noqa: BLE001 -- no model, no registry: nothing to list
+        return []
+    return [f"models:/{name}@{a}" for a in sorted(aliases, key=lambda a: (a != CHAMPION, a))]

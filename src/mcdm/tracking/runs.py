@@ -50,7 +50,7 @@ from typing import Any, Optional
 from mcdm.config import Params, ParamsError, TrackingParams, load_params
 from mcdm.errors import McdmError
 from mcdm.media.images import image_grid
-from mcdm.tracking.backends import JsonlRun, MlflowRun
+from mcdm.tracking.backends import JsonlRun, MlflowRun, ModelLogger
 from mcdm.tracking.store import (
     OFFLINE_DIR,
     TrackingUnavailable,
@@ -296,13 +296,16 @@ class Tracker:
         if previous_run and previous_run != self.run_id:
             self._safe(lambda b: b.mark_killed(previous_run))
 
-    def register_model(self, model_dir: str | Path, name: str, tags: Mapping[str, Any]) -> Optional[str]:
-        """Log ``model_dir`` and add it as a new version of ``name`` (alias ``candidate``)."""
+    def register_model(self, model_dir: str | Path, name: str, tags: Mapping[str, Any],
+                       log_model: Optional[ModelLogger] = None) -> Optional[str]:
+        """Log ``model_dir`` (as ``log_model`` logs it, else as a folder) and add it as a new version of
+        ``name`` (alias ``candidate``)."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise McdmError(f"model folder {model_dir} does not exist")
         self.flush()
-        version = self._safe(lambda b: b.register(model_dir, name, {k: str(v) for k, v in tags.items()}))
+        version = self._safe(lambda b: b.register(model_dir, name, {k: str(v) for k, v in tags.items()},
+                                                  log_model))
         if version is None:
             warnings.warn(f"{name}: no version registered (no model registry reachable); register "
                           f"{model_dir} later", TrackingUnavailable, stacklevel=2)
@@ -345,13 +348,16 @@ def stage_run(params, stage: str, *, tags: Optional[Mapping[str, Any]] = None) -
         tracker.close(status)
 
 
-def register_stage_model(tracker, params, model_dir: str | Path) -> Optional[str]:
-    """After stage 3: a new version of ``registry.name`` from the main line only (decisions.md #16)."""
+def register_stage_model(tracker, params, model_dir: str | Path,
+                         log_model: Optional[ModelLogger] = None) -> Optional[str]:
+    """After stage 3: a new version of ``registry.name`` from the main line only (decisions.md #16),
+    logged by ``log_model`` (stage 3: the pyfunc, decisions.md #28)."""
     if not is_main_line(params):
         return None
     return tracker.register_model(model_dir, params.registry.name,
                                   {"variant": params.variant, "alpha": params.alpha, "seed": params.seed,
-                                   "params_hash": params.hash(), "git_rev": tracker.tags.get("git_rev", "unknown")})
+                                   "params_hash": params.hash(), "git_rev": tracker.tags.get("git_rev", "unknown")},
+                                  log_model)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from mcdm.config import Params
 from mcdm.errors import McdmError
 from mcdm.media.files import write_json
+from mcdm.pipelines.pyfunc import log_pyfunc
 from mcdm.tracking.runs import is_main_line, register_stage_model, stage_run
 from mcdm.train.engine import peak_memory_mb, train_loop
 from mcdm.train.spec import TrainSpec
@@ -109,7 +110,7 @@ def run_stage(params: Params, stage: int, inputs: StageInputs, out_dir: str | Pa
                 tracker.log_artifact(picture, "samples")
             if stage == 3 and is_main_line(params):
                 bundle = registry_bundle(task, out_dir, Path(tmp) / "mcdm")
-                version = register_stage_model(tracker, params, bundle)
+                version = register_stage_model(tracker, params, bundle, log_pyfunc)
                 if version is not None:
                     metrics["registered_version"] = version
     return metrics
