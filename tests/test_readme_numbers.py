@@ -1,6 +1,7 @@
-"""README's measured numbers come from the files the benchmarks write (issue #21 point 9): the block
-between the numbers markers is what tools/readme_numbers.py renders from the committed
-reports/benchmarks.json, and a changed figure in that file changes the block."""
+"""README's measured numbers come from the files the pipeline and the benchmarks write (issue #21
+point 9): the numbers block is what tools/readme_numbers.py renders from the committed
+reports/benchmarks.json, the results block what it renders from docs/results/run.json (a snapshot
+of one run's reports/), and a changed figure in either file changes its block."""
 from __future__ import annotations
 
 import importlib.util
@@ -32,3 +33,45 @@ def test_a_changed_benchmark_figure_changes_the_block(tmp_path):
     block = numbers.render(tmp_path / "benchmarks.json")
     assert "| 10 s | 12.35 s |" in block and "peak RSS 4321 MB" in block
     assert block != numbers.readme_block()
+
+
+def test_readme_results_block_is_rendered_from_the_run_snapshot():
+    block = numbers.readme_block(begin=numbers.RESULTS_BEGIN, end=numbers.RESULTS_END)
+    assert block is not None, "README.md has no results block"
+    assert block == numbers.render_results(), "README.md's results differ from docs/results/run.json: " \
+                                              "run python tools/readme_numbers.py --write"
+    run = json.loads(numbers.RESULTS.read_text())
+    assert f"| FVD ↓ | {run['model']['fvd']:.3g} |" in block
+    assert f"{sum(run['claims']['verdicts'].values())} answered" in block
+
+
+def _reports(folder, fvd: float):
+    """A run's reports/ as evaluate, claims and the training stages write them (the fields read)."""
+    folder.mkdir()
+    base = {"fvd": 7.5, "fid": 0.1, "efid": 0.3, "sync_c": 0.05, "sync_d": 0.9, "ssim": 0.6, "identity": 0.0}
+    details = {**{k: 0.5 for k in numbers.HEADLINE}, "fvd": fvd, "fvd_backend": "fvd-fallback", "n_clips": 3,
+               "frames": 150, "seed": 0, "steps": 10, "identity_gt": 0.27,
+               "baselines": {"static_reference": base, "ground_truth": {k: 0.0 for k in base},
+                             "autoencoder": base, "reversed_ground_truth": base},
+               "long_term": {"seconds": 30.0, "ssim_first": 0.6, "ssim_last": 0.5, "identity_drift": 0.01,
+                             "identity_gt_drift": 0.1}}
+    (folder / "metrics_details.json").write_text(json.dumps(details))
+    (folder / "metrics.json").write_text(json.dumps({k: details[k] for k in numbers.HEADLINE}
+                                                    | {"failure_rate": 0.04, "seconds_per_frame": 0.05}))
+    (folder / "claims.json").write_text(json.dumps({"seeds": [0, 1, 2], "claims": [
+        {"verdict": "supported"}, {"verdict": "inconclusive"}, {"verdict": "inconclusive"}]}))
+    (folder / "train_stage2.json").write_text(json.dumps({"wall_s": 20.4}))
+
+
+def test_a_snapshot_of_a_run_gives_its_numbers_and_a_changed_number_changes_the_block(tmp_path):
+    _reports(tmp_path / "a", fvd=2.5)
+    _reports(tmp_path / "b", fvd=3.25)
+    blocks = []
+    for name in ("a", "b"):
+        run = numbers.snapshot(tmp_path / name, label=f"run {name}")
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+        blocks.append(numbers.render_results(tmp_path / f"{name}.json"))
+    assert "| FVD ↓ | 2.5 | 7.5 | 7.5 | 0 |" in blocks[0] and "| FVD ↓ | 3.25 |" in blocks[1]
+    assert "3 answered: 1 supported, 0 refuted, 2 inconclusive" in blocks[0]
+    assert "4.0 %" in blocks[0] and "train_stage2 20 s" in blocks[0] and "snapshot of run a" in blocks[0]
+    assert "Long-term clip (30 s): SSIM 0.6 in the first window, 0.5 in the last" in blocks[0]
