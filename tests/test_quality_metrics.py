@@ -8,6 +8,7 @@ import pytest
 
 from mcdm.errors import McdmError
 from mcdm.eval.lip_motion import clip_correlation, mouth_correlation, mouth_opening
+from mcdm.eval.quality_report import TARGET_LABELS, quality_section
 from mcdm.eval.quality_targets import quality_targets
 from mcdm.eval.sharpness import laplacian_variance, psnr_metric, sharpness_ratio
 
@@ -120,3 +121,16 @@ def test_quality_targets_read_the_run_and_say_what_is_met():
     assert t["sharpness_ratio"]["met"] is False
     missing = quality_targets({}, None, 128)
     assert missing["identity_gap"]["met"] is None and missing["sync_c_fraction"]["value"] is None
+
+
+def test_report_section_lists_every_target_with_its_verdict():
+    model = {"identity": 0.40, "identity_gt": 0.27, "identity_no_face_frames": 3, "sync_c": 0.1,
+             "mouth_open_corr": 0.3, "mouth_open_corr_low": 0.1, "mouth_open_corr_high": 0.5, "sharpness_ratio": 0.4}
+    base = {"autoencoder": {"identity": 0.36, "psnr": 21.0}, "ground_truth": {"sync_c": 0.45}}
+    main = {**model, "quality_targets": quality_targets(model, base, 64), "baselines": base,
+            "autoencoder_psnr_heldout": 21.5}
+    text = "\n".join(quality_section(main))
+    assert "| 0.3 [0.1, 0.5] | >= 0.5 | no |" in text and "21.5 dB" in text and "quality_attempts.md" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "target" not in line.split("|")[1]]
+    assert sum(TARGET_LABELS[k] in text for k in TARGET_LABELS) == 7 and len(rows) >= 7
+    assert "Missing" in quality_section({})[2]
