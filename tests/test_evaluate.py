@@ -130,7 +130,7 @@ def test_models_folder_and_registry_bundle_load_as_the_pipeline(project, tmp_pat
 
 def test_evaluate_writes_every_output(evaluated, capsys):
     for name in ("metrics.json", "metrics_details.json", "features.npz", "eval_clips.csv", "eval_grid.png",
-                 "long_term.csv", "long_term_windows.csv", "long_term.png"):
+                 "frame_strip.png", "long_term.csv", "long_term_windows.csv", "long_term.png"):
         assert (evaluated / name).is_file(), name
     samples = sorted(p.name for p in (evaluated / "samples").glob("*.mp4"))
     assert samples == ["a_test.mp4", "long_term_c_long.mp4"]
@@ -189,6 +189,24 @@ def test_metrics_json_baselines_and_checks(evaluated):
     # which the FVD fallback sees
     backwards = m["baselines"]["reversed_ground_truth"]
     assert backwards["identity_no_face_frames"] == gt["identity_no_face_frames"] and backwards["fvd"] > gt["fvd"] + 1e-6
+
+
+def test_quality_measures_and_targets(evaluated):
+    """Issue #20: ground truth against itself has the closed forms (mouth-opening r 1, sharpness ratio 1),
+    the frame strip is the first clip at full size (2 rows, every 3rd frame), the targets are all present."""
+    m = _strict_json(evaluated / "metrics_details.json")
+    gt = m["baselines"]["ground_truth"]
+    assert gt["sharpness_ratio"] == pytest.approx(1.0) and gt["mouth_open_corr"] == pytest.approx(1.0)
+    assert m["sharpness_ratio"] > 0 and m["psnr"] > 0 and m["sharpness_ratio_backend"].startswith("variance-of-laplacian")
+    assert "mouth_open_corr" in m and m["mouth_open_corr_backend"].startswith("dlib-68")
+    assert set(m["quality_targets"]) == {"resolution", "autoencoder_identity_gap", "identity_gap", "no_face_frames",
+                                         "sync_c_fraction", "mouth_open_corr", "sharpness_ratio"}
+    assert m["quality_targets"]["resolution"] == {"value": SIDE, "target": ">= 128", "met": False}
+    assert m["quality_targets"]["no_face_frames"]["value"] == m["identity_no_face_frames"]
+    strip = cv2.imread(str(evaluated / "frame_strip.png"))
+    assert strip.shape[:2] == (2 * SIDE + 2, 3 * SIDE + 2 * 2)  # a_test: 8 frames -> 0, 3, 6
+    clips = pd.read_csv(evaluated / "eval_clips.csv")
+    assert {"psnr", "sharpness_ratio", "mouth_open_corr", "ground_truth_psnr"} <= set(clips.columns)
 
 
 def test_long_term_curve(evaluated):

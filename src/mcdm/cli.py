@@ -22,7 +22,7 @@ from mcdm.logs import LEVELS, configure
 
 # name -> (module under mcdm.commands, one-line help), in pipeline order
 COMMANDS: dict[str, tuple[str, str]] = {
-    "params": ("params", "apply a params profile (default | micro | paper), show or check params.yaml"),
+    "params": ("params", "apply a params profile (default | micro | paper | quality), show or check params.yaml"),
     "sample-data": ("sample_data", "generate the embedded sample dataset (speech in 10 languages, animated "
                                    "portraits, planted defects)"),
     "ingest": ("ingest", "probe every file of the source folder: videos.parquet + rejects.csv"),

@@ -1,5 +1,5 @@
 """`mcdm params apply <profile>` / `show` / `check`: the one documented way to switch profiles
-(default | micro | paper) and to validate params.yaml."""
+(default | micro | paper | quality) and to validate params.yaml."""
 from __future__ import annotations
 
 import argparse

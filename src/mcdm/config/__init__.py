@@ -1,7 +1,7 @@
 """The params schema: the one place where every parameter and its default lives.
 
 ``params.yaml`` (what DVC tracks) is this schema's defaults, optionally overlaid with
-``configs/micro.yaml`` (tests) or ``configs/paper.yaml`` (GPU), written by
+``configs/micro.yaml`` (tests), ``configs/paper.yaml`` (GPU) or ``configs/quality.yaml`` (128 px, issue #20), written by
 ``mcdm params apply <profile>``. The evaluation sections live in ``mcdm.config.evaluation``. Every stage validates ``params.yaml`` first; an unknown key, a wrong
 type or an out-of-range value stops it with one line naming the key (a section that decisions.md #18's
 map moved, with where it went: ``MOVED``).
@@ -317,7 +317,7 @@ class ParamsError(ValueError):
     """Invalid params: ``str(err)`` is one line naming the offending key."""
 
 
-PROFILES = ("default", "micro", "paper")
+PROFILES = ("default", "micro", "paper", "quality")
 
 # Sections that were top level before the params map of decisions.md #18: an old params.yaml or profile
 # naming one stops with where it went (rather than pydantic's "unknown key").

@@ -14,7 +14,9 @@
    embedded default's 64 px tiny VAE it is what keeps identity far from ground truth's).
    ``checks`` states, true or false, whether the model beats the static reference on Sync-C and FVD
    and whether its identity distance is within 0.05 of ground truth's (decisions.md #20) and of the
-   autoencoder's. Ablation and sweep members
+   autoencoder's; ``quality_targets`` whether issue #20's targets for what a person sees are met
+   (``mcdm.eval.quality_targets``: resolution, the autoencoder's and the model's identity gaps, lost
+   faces, Sync-C against ground truth's, the mouth-opening correlation, sharpness). Ablation and sweep members
    (``baselines=False``) skip the baselines: they do not depend on the model, so the main line's
    ``evaluate`` measures them once for the report.
 3. Long-term curve and windows (Figure 5, decisions.md #11; ``mcdm.eval.long_term``): on the
@@ -33,6 +35,8 @@ identity, failure rate, seconds per frame, which are fallbacks), ``<out>/metrics
 (everything: backends, counts, ``baselines``, ``long_term``, ``checks``), ``<out>/features.npz`` (the
 Fréchet metrics' feature rows per clip, for the claims' bootstrap), ``<out>/eval_clips.csv`` (per
 clip), ``<out>/eval_grid.png`` (reference | ground truth and generated at several times),
+``<out>/frame_strip.png`` (the first test clip's ground truth above its generated frames, every 3rd
+frame at full size; the README shows a copy, ``docs/frame_strip.png``),
 ``<out>/long_term.csv`` + ``long_term_windows.csv`` + ``long_term.png``, and ``<samples>/*.mp4``
 (generated clips with their audio).
 """
@@ -45,13 +49,15 @@ import numpy as np
 import pandas as pd
 
 from mcdm.config import Params
-from mcdm.errors import MissingStageOutput
+from mcdm.errors import McdmError, MissingStageOutput
 from mcdm.eval.long_term import long_term_curve
 from mcdm.eval.metric_files import write_metric_files
-from mcdm.eval.plots import frame_grid
+from mcdm.eval.plots import frame_grid, frame_strip
+from mcdm.eval.quality_targets import quality_targets
 from mcdm.eval.suite import MetricSuite
 from mcdm.eval.test_set import generate_test_set, read_index, select_test_clips
 from mcdm.eval.video_metrics import comparison_checks, prefetch_faces, video_metrics
+from mcdm.media import layout
 from mcdm.media.files import jsonable, write_csv
 from mcdm.media.io import write_video
 from mcdm.models.vae import reconstruct
@@ -61,6 +67,15 @@ STAGE = "evaluate"
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+def heldout_psnr(models_dir: str | Path) -> Optional[float]:
+    """The VAE's PSNR on the held-out training clips that ``base_models`` measured (its gate), None
+    when ``<models>/base/encoders.json`` does not say (weights given by path, a bundle)."""
+    try:
+        return (layout.read_encoders(Path(models_dir) / "base").get("vae") or {}).get("psnr_heldout")
+    except McdmError:
+        return None
+
+
 def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional[str | Path], out_dir: str | Path,
              samples_dir: str | Path, params: Params, pipe=None, progress: bool = True, baselines: bool = True) -> dict:
     """Run the stage (see the module docstring); returns the full metrics (metrics_details.json).
@@ -98,13 +113,15 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
     for i, (it, own) in enumerate(zip(items, per_clip)):
         rows.append({"clip_id": it["clip_id"], "long_term": it["long_term"], "n_frames": it["n"], **own,
                      **{f"{arm}_{k}": measured[arm][1][i].get(k) for arm in arms if arm != "model"
-                        for k in ("sync_c", "sync_d", "identity", "ssim")},
+                        for k in ("sync_c", "sync_d", "identity", "ssim", "psnr", "mouth_open_corr")},
                      "gen_seconds": it["gen_seconds"]})
     write_csv(pd.DataFrame(rows), out_dir / "eval_clips.csv")
     # 3. pictures: the frame grid, sample mp4s with their audio
     g = min(p.grid_clips, len(items))
     frame_grid(refs[:g], real[:g], fake[:g], [it["clip_id"] for it in items[:g]], params.data.fps, p.grid_times,
                out_dir / "eval_grid.png")
+    if baselines:  # the main line only (a member writes no picture beyond its grid)
+        frame_strip(real[0], fake[0], out_dir / "frame_strip.png")
     samples_dir.mkdir(parents=True, exist_ok=True)
     for old in samples_dir.glob("*.mp4"):
         old.unlink()
@@ -124,12 +141,14 @@ def evaluate(features_dir: str | Path, models_dir: str | Path, syncnet: Optional
         "failure_rate": full.get("identity_failure_rate"),
         "baselines": others if baselines else None,
         "checks": comparison_checks(full, others["static_reference"], others["autoencoder"]) if baselines else None,
+        "quality_targets": quality_targets(full, others, params.data.resolution) if baselines else None,
         "long_term": long_term,
         "variant": pipe.variant, "alpha": float(pipe.denoiser.config.alpha), "steps": p.steps, "seed": params.seed,
         "params_hash": params.hash(), "checkpoint": pipe.config.provenance.get("source"),
         "n_clips": len(items), "frames": gen["frames"], "clips": [it["clip_id"] for it in items],
         "generation_seconds": gen["seconds"], "seconds_per_frame": gen["seconds"] / max(gen["frames"], 1),
     }
+    metrics["autoencoder_psnr_heldout"] = heldout_psnr(models_dir)
     metrics = jsonable(metrics)
     write_metric_files(metrics, out_dir, {arm: measured[arm][2] for arm in arms})
     return metrics

@@ -1,8 +1,9 @@
 """The files an evaluation writes: a small headline (the DVC metric and MLflow's run metrics) and
 everything else beside it.
 
-* ``metrics.json`` (headline): the paper's six metrics, identity, the face failure rate and the
-  seconds per generated frame, plus ``fallback``: which of the six were measured by a labelled
+* ``metrics.json`` (headline): the paper's six metrics, identity, the face failure rate, the
+  mouth-opening correlation with ground truth, the sharpness ratio, PSNR and the seconds per
+  generated frame, plus ``fallback``: which of the six were measured by a labelled
   fallback rather than the paper's network (``"fid fvd efid sync_c sync_d"`` here; empty with every
   network given by path). These are what ``dvc metrics show`` / ``dvc exp show`` list.
 * ``metrics_details.json``: the headline's values again and every other number (backend labels,
@@ -22,7 +23,8 @@ import numpy as np
 
 from mcdm.media.files import jsonable, write_json
 
-HEADLINE = ("fid", "fvd", "sync_c", "sync_d", "ssim", "efid", "identity", "failure_rate", "seconds_per_frame")
+HEADLINE = ("fid", "fvd", "sync_c", "sync_d", "ssim", "efid", "identity", "failure_rate", "mouth_open_corr",
+            "sharpness_ratio", "psnr", "seconds_per_frame")
 PAPER_METRICS = ("fid", "fvd", "sync_c", "sync_d", "ssim", "efid")
 # backend labels of the fallbacks (mcdm.eval.detectors, landmark_features, face_features, models.sync)
 FALLBACK_BACKENDS = ("dlib-descriptor-128", "fvd-fallback:dlib-descriptor+landmark-dynamics",

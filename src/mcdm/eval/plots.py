@@ -1,5 +1,6 @@
-"""The evaluation's pictures: the frame grid (reference | ground truth and generated over time) and
-the long-term curves (SSIM and identity over the frame index, Figure 5)."""
+"""The evaluation's pictures: the frame grid (reference | ground truth and generated over time), the
+frame strip (one clip's ground truth above its generated frames, at full size) and the long-term
+curves (SSIM and identity over the frame index, Figure 5)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,6 +36,26 @@ def frame_grid(refs: np.ndarray, reals: list, fakes: list, clip_ids: list, fps: 
                         va="center", fontsize=6)
     fig.tight_layout(pad=0.3)
     save_figure(fig, path, dpi=110)
+    return path
+
+
+def frame_strip(real: np.ndarray, fake: np.ndarray, path: Path, every: int = 3, count: int = 10, gap: int = 2) -> Path:
+    """PNG of one clip at full size (no resampling): the top row holds ground-truth frames 0, ``every``,
+    2 ``every``, ... (``count`` of them, fewer when the clip is short), the bottom row the generated
+    frames at the same indices; ``gap`` white pixels between cells."""
+    from PIL import Image
+
+    n = min(len(real), len(fake))
+    picks = np.arange(0, n, every)[:count]
+    h, w = real.shape[1:3]
+    canvas = np.full((2 * h + gap, len(picks) * (w + gap) - gap, 3), 255, np.uint8)
+    for c, i in enumerate(picks):
+        x = c * (w + gap)
+        canvas[:h, x:x + w] = real[i]
+        canvas[h + gap:, x:x + w] = fake[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
     return path
 
 

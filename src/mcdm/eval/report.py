@@ -44,6 +44,7 @@ from mcdm.eval.ablation_tables import (
 )
 from mcdm.eval.claims_report import verdict_counts
 from mcdm.eval.metric_files import read_details
+from mcdm.eval.quality_report import quality_section
 from mcdm.media.files import write_csv, write_text
 
 OUTPUTS = ("ablations.csv", "ablations.md", "alpha_sweep.csv", "report.md")
@@ -375,6 +376,7 @@ def write_report(params: Params, metrics: str | Path, members_dir: str | Path, t
     lines.append("")
     lines += evidence_section(claims_json, pictures["claims_effects"])
     lines += main_line_section(main, data_report)
+    lines += quality_section(main)
     lines += paper_section(claims_json)
     lines += ["## Ablations and variants (Tables 4-5)", "", f"Full tables: [ablations.md](ablations.md), "
               "[ablations.csv](ablations.csv); every comparison with its interval and verdict: [claims.md](claims.md). "

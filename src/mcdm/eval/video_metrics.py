@@ -14,6 +14,9 @@ from mcdm.data.parallel import stage_workers
 from mcdm.errors import McdmError
 from mcdm.eval import metrics as M
 from mcdm.eval.failures import penalised_identity
+from mcdm.eval.lip_motion import BACKEND as MOUTH_BACKEND
+from mcdm.eval.lip_motion import mouth_correlation
+from mcdm.eval.sharpness import PSNR_BACKEND, SHARPNESS_BACKEND, psnr_metric, sharpness_ratio
 from mcdm.eval.suite import MetricSuite
 
 IDENTITY_TOLERANCE = 0.05  # decisions.md #20: the full model's mean identity distance within this of ground truth's
@@ -32,6 +35,14 @@ def guard_flat(name: str, backend: str, compute) -> dict:
     """``guard`` as a flat dict (a ``MetricResult``'s ``flat()``)."""
     result = guard(name, backend, compute)
     return result.flat() if isinstance(result, M.MetricResult) else result
+
+
+def _value(compute) -> Optional[float]:
+    """A ``MetricResult``'s value, None when it cannot be computed (a per-clip cell)."""
+    try:
+        return compute().value
+    except McdmError:
+        return None
 
 
 def _nanmean(x) -> Optional[float]:
@@ -71,9 +82,10 @@ def video_metrics(suite: MetricSuite, real: list, fake: list, refs: np.ndarray,
                   audios: list) -> tuple[dict, list[dict], dict[str, dict]]:
     """``MetricSuite.evaluate``'s metrics, each guarded, plus a per-clip breakdown.
 
-    Returns (pooled flat dict; one dict per clip: ssim, identity (generated frames without a face
-    charged, ``mcdm.eval.failures``), identity_gt, identity_drift, no_face_frames, face_frames,
-    sync_c, sync_d, av_offset; and per Fréchet metric its feature rows ``real``, ``fake`` with the
+    Returns (pooled flat dict; one dict per clip: ssim, psnr, sharpness_ratio, identity (generated
+    frames without a face charged, ``mcdm.eval.failures``), identity_gt, identity_drift,
+    no_face_frames, face_frames, mouth_open_corr (``mcdm.eval.lip_motion``), sync_c, sync_d,
+    av_offset; and per Fréchet metric its feature rows ``real``, ``fake`` with the
     video of each row ``real_video``, ``fake_video``).
     """
     backends = suite.backends
@@ -88,7 +100,18 @@ def video_metrics(suite: MetricSuite, real: list, fake: list, refs: np.ndarray,
         if isinstance(result, M.MetricResult) and result.rows is not None:
             rows[name] = {"real_video": owners[0], "fake_video": owners[1], **result.rows}
     out.update(guard_flat("ssim", backends["ssim"], lambda: M.ssim_metric(real, fake)))
-    per_clip = [{"ssim": float(np.mean(M.ssim_curve(r, f)))} for r, f in zip(real, fake)]
+    out.update(guard_flat("psnr", PSNR_BACKEND, lambda: psnr_metric(real, fake)))
+    out.update(guard_flat("sharpness_ratio", SHARPNESS_BACKEND, lambda: sharpness_ratio(real, fake)))
+    per_clip = [{"ssim": float(np.mean(M.ssim_curve(r, f))), "psnr": _value(lambda: psnr_metric([r], [f])),
+                 "sharpness_ratio": _value(lambda: sharpness_ratio([r], [f]))} for r, f in zip(real, fake)]
+    try:
+        pooled, clips = mouth_correlation([suite.faces.landmarks(v) for v in real],
+                                          [suite.faces.landmarks(v) for v in fake])
+        out.update(pooled)
+        for row, c in zip(per_clip, clips):
+            row["mouth_open_corr"] = c["r"]
+    except McdmError as err:
+        out.update({"mouth_open_corr": None, "mouth_open_corr_backend": MOUTH_BACKEND, "mouth_open_corr_error": str(err)})
     try:
         curves, gt = suite.identity_curves(refs, fake), suite.identity_curves(refs, real)
         out.update(M.identity_summary(curves, gt, suite.params.drift_tail))
