@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see src/mcdm/__init__.py
 
@@ -182,6 +184,23 @@ def stop_session(proc: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90, status: int | None = None):
+    """The first answer of ``url`` (with ``status``: the first with that status) from the server
+    ``proc`` we started (its output in ``log``), polled until ``timeout`` seconds; fails with the
+    log's tail when the server exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, Path(log).read_text()[-2000:]
+        assert time.monotonic() < deadline, f"no answer from {url} in {timeout:g} s"
+        try:
+            answer = requests.get(url, timeout=2)
+            if status is None or answer.status_code == status:
+                return answer
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -5,10 +5,7 @@ then a text file as the portrait shows the one-line error in the page. With MCDM
 screenshots go to docs/ (README shows them), else to the test's folder."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -22,8 +19,10 @@ from conftest import (
     free_port,
     run_cli,
     screenshot_on_failure,
+    stop_session,
     tiny,
     tool_env,
+    wait_for_http,
 )
 from PIL import Image
 
@@ -123,24 +122,11 @@ def test_mcdm_demo_serves_on_loopback_until_stopped(demo, tmp_path, capsys):
                                   cwd=tmp_path, env=tool_env(), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         try:
-            deadline = time.monotonic() + 90
-            while True:
-                assert server.poll() is None, (tmp_path / "demo.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "no answer in 90 s"
-                try:
-                    page = requests.get(f"http://127.0.0.1:{port}/", timeout=2)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.5)
+            page = wait_for_http(f"http://127.0.0.1:{port}/", server, tmp_path / "demo.log")
             assert page.status_code == 200 and "MCDM talking face" in page.text
             listening = [line.split() for line in open("/proc/net/tcp").read().splitlines()[1:]]
             local = {row[1] for row in listening if row[3] == "0A"}  # LISTEN sockets, hex address:port
             assert f"0100007F:{port:04X}" in local and f"00000000:{port:04X}" not in local  # 127.0.0.1 only
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            stop_session(server, timeout=20)
     assert f"demo at http://127.0.0.1:{port}/" in (tmp_path / "demo.log").read_text()

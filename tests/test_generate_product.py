@@ -96,10 +96,11 @@ def test_a_registered_model_needs_the_store_named_outside_the_project(files, tmp
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     (["--device", "cpu", "--dtype", "float16"], "--dtype float16: not on the CPU"),
     pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available here",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                          reason="checks the refusal on a machine without CUDA; this one has CUDA")),
     pytest.param(["--device", "cuda:7"], "there are",
                  marks=pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() > 7,
-                                          reason="needs CUDA with fewer than 8 devices")),
+                                          reason="needs a GPU: CUDA with fewer than 8 devices, so that cuda:7 is missing")),
 ])
 def test_a_device_or_precision_that_cannot_work_is_one_line(files, tmp_path, capsys, option, expected):
     code, _, err = run_cli(capsys, *_generate(files, tmp_path / "out.mp4"), *option)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, tool_env
+from conftest import ROOT, free_port, stop_session, tool_env
 from mlflow import MlflowClient
 from workspace import copy_tree
 
@@ -41,12 +39,7 @@ def running_worker(env: dict, log: Path):
     try:
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_session(proc)
 
 
 def _state(env: dict) -> dict:

@@ -11,10 +11,7 @@ The folder is a tiny untrained pipeline: these tests pin the MLflow plumbing, no
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import subprocess
-import time
 
 import mlflow
 import numpy as np
@@ -22,7 +19,7 @@ import pandas as pd
 import pytest
 import requests
 import skimage.data
-from conftest import TINY_PIPELINE, free_port, run_cli, tiny, tool_env
+from conftest import TINY_PIPELINE, free_port, run_cli, stop_session, tiny, tool_env, wait_for_http
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
@@ -136,15 +133,7 @@ def test_mlflow_models_serve_answers_a_request_on_loopback(registry, tmp_path):
                               cwd=tmp_path, env=tool_env(MLFLOW_TRACKING_URI=uri), stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "no /ping answer in 90 s"
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, tmp_path / "serve.log", status=200)
         b64 = [base64.b64encode((root / n).read_bytes()).decode() for n in ("face.png", "speech.wav")]
         body = {"dataframe_split": {"columns": ["portrait", "audio", "seconds"], "data": [[*b64, 0.4]]}}
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
@@ -158,12 +147,7 @@ def test_mlflow_models_serve_answers_a_request_on_loopback(registry, tmp_path):
         assert refused.status_code == 400 and (
             "Error: row 1: portrait: cannot read the image" in refused.json()["message"])
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server we started (uvicorn and its worker), by its pid
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_session(server, timeout=20)  # the server we started (uvicorn and its worker), by its pid
         log.close()
 
 
