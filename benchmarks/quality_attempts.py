@@ -5,6 +5,10 @@ under ``measured``, and ``source``: where they were measured).
 
 Kinds and what their table shows:
 
+* ``end_to_end``: a whole main line (``dvc repro evaluate`` on a fresh copy) of a profile, recorded
+  from the files the pipeline wrote (``--record-run PROJECT``): the targets table ``evaluate`` wrote
+  (``reports/metrics_details.json``), PSNR, the training stages' wall seconds, and the main line's
+  wall time per stage from a log of ``dvc repro`` whose lines start with ``[seconds]``.
 * ``autoencoder``: a tiny VAE trained at 128 px (or today's 64 px one, the baseline) and scored on the
   held-out test frames: PSNR, the identity distance of its reconstructions minus ground truth's (the
   autoencoder-ceiling gap; target <= 0.10), Laplacian-variance sharpness over ground truth's, frames
@@ -13,6 +17,9 @@ Kinds and what their table shows:
   as condition): the sample identity gap (target <= 0.15), sharpness, frames without a face.
 * ``step_time``: CPU and wall seconds per training step of each stage (and per generated frame) at
   64 and 128 px, with the ratio to the 64 px baseline measured under the same load (shared or idle).
+* ``reference_input``: the base UNet reading the reference frame through its patch tokens (today) or
+  with its latent concatenated to the noisy input too (``benchmarks/quality_proxy_reference.py``),
+  sampled and scored as ``proxy_diffusion``.
 * ``lip_sync``: Sync-C on the same SyncNet, as a fraction of ground truth's (target >= 0.5).
 * ``lip_tokens``: the motion prior's sampled lip tokens against ground truth's (correlation), and a
   proxy UNet's mouth-opening correlation.
@@ -20,19 +27,26 @@ Kinds and what their table shows:
     python benchmarks/quality_attempts.py [--attempts benchmarks/quality_attempts] [--out reports]
 
 writes ``<out>/quality_attempts.md`` and ``<out>/quality_attempts.json`` (the rows).
+
+    python benchmarks/quality_attempts.py --record-run PROJECT --name NAME --change TEXT [--log LOG]
+
+writes the attempt file ``<attempts>/NAME.json`` (kind ``end_to_end``) from a finished project.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {
+    "end_to_end": "End to end: `dvc repro evaluate` of a profile on a fresh copy, issue #20's targets as `evaluate` wrote them",
     "autoencoder": "Autoencoders (128 px unless said; scored on 105 held-out test frames, 7 clips)",
     "proxy_diffusion": "Proxy diffusion on the autoencoder's latents (105 sampled test frames)",
     "step_time": "Seconds per training step, per stage (batch as in the default; generation per frame, 10 steps)",
+    "reference_input": "Reference frame as tokens or as input channels of the base UNet (64 px, 60 held-out frames)",
     "lip_sync": "Sync-C against ground truth (same SyncNet, 5 test clips, 225 windows)",
     "lip_tokens": "Lip motion of the motion prior's tokens and of a proxy UNet (5 test clips)",
 }
@@ -57,7 +71,7 @@ def _delta(x, base) -> Optional[float]:
 
 def cores(machine: str) -> str:
     """The short label of a row's machine: idle or shared cores (n/a when the file does not say)."""
-    return "idle" if "idle" in machine else "shared" if "shared" in machine else "n/a"
+    return "shared" if "shared" in machine else "idle" if "idle" in machine else "n/a"
 
 
 def load_attempts(folder: Path) -> list[dict]:
@@ -76,6 +90,75 @@ def load_attempts(folder: Path) -> list[dict]:
 def _load(m: dict) -> Optional[str]:
     load = m.get("load_before") or m.get("load_avg") or (m.get("train") or {}).get("load_avg")
     return None if not load else f"{load[0]:.1f}"
+
+
+TARGETS = ("resolution", "autoencoder_identity_gap", "identity_gap", "no_face_frames", "sync_c_fraction",
+           "mouth_open_corr", "sharpness_ratio")
+
+
+def stage_seconds(log_text: str) -> dict[str, float]:
+    """Wall seconds per DVC stage from a ``dvc repro`` log whose lines start with ``[elapsed seconds]``:
+    each stage runs from its ``Running stage 'x'`` line to the next one (the last to the log's end)."""
+    marks = [(float(t), name) for t, name in re.findall(r"^\[\s*([\d.]+)\] Running stage '([^']+)'", log_text, re.M)]
+    times = [float(t) for t in re.findall(r"^\[\s*([\d.]+)\]", log_text, re.M)]
+    if not marks:
+        raise SystemExit("log: no \"[seconds] Running stage\" lines")
+    ends = [t for t, _ in marks[1:]] + [max(times)]
+    return {name: round(end - start, 1) for (start, name), end in zip(marks, ends)}
+
+
+def record_run(project: Path, log: Optional[Path]) -> dict:
+    """The ``measured`` part of an ``end_to_end`` attempt, from the files a main line wrote."""
+    details = json.loads((project / "reports" / "metrics_details.json").read_text())
+    params_text = (project / "params.yaml").read_text()
+    measured = {
+        "quality_targets": details["quality_targets"],
+        "psnr": details.get("psnr"), "autoencoder_psnr_heldout": details.get("autoencoder_psnr_heldout"),
+        "identity": details.get("identity"), "identity_gt": details.get("identity_gt"),
+        "n_clips": details.get("n_clips"), "frames": details.get("frames"), "seed": details.get("seed"),
+        "params_hash": details.get("params_hash"),
+        "resolution": int(re.search(r"^  resolution: (\d+)", params_text, re.M).group(1)),
+        "train_wall_s": {f"stage{k}": json.loads((project / "reports" / f"train_stage{k}.json").read_text())["train_wall_s"]
+                         for k in (1, 2, 3)},
+        "base_models_s": json.loads((project / "models" / "base" / "encoders.json").read_text()).get("seconds"),
+    }
+    if log is not None:
+        stages = stage_seconds(log.read_text(errors="replace"))
+        measured["stage_wall_s"] = stages
+        measured["main_line_wall_s"] = round(sum(stages.values()), 1)
+    return measured
+
+
+STAGE_GROUPS = (("data", ("params_check", "sample_data", "ingest", "scenes", "faces", "quality", "syncnet_train",
+                            "sync_filter", "split")),
+                ("base_models", ("base_models",)), ("features+encoders", ("features", "motion_encoders")),
+                ("training", ("train_stage1", "train_stage2", "train_stage3")), ("evaluate", ("evaluate",)))
+
+
+def minutes_per_group(stage_wall_s: dict[str, float]) -> str:
+    """``data 2.3, base_models 2.7, ...``: a main line's wall minutes per group of stages."""
+    parts = [(name, sum(stage_wall_s.get(s, 0.0) for s in stages)) for name, stages in STAGE_GROUPS]
+    return ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in parts if seconds)
+
+
+def end_to_end_row(a: dict) -> dict:
+    m = a["measured"]
+    targets = m["quality_targets"]
+    row = {"attempt": a["name"], "change": a["change"], "main_line_min": None if m.get("main_line_wall_s") is None
+           else round(m["main_line_wall_s"] / 60, 1)}
+    for key in TARGETS:
+        t = targets.get(key)
+        if t is None:
+            row[key] = None
+            continue
+        value = _cell(_r(t["value"]))
+        if "low" in t:
+            value += f" [{_r(t['low'], 2)}, {_r(t['high'], 2)}]"
+        row[key] = f"{value} ({'met' if t['met'] else 'no'})"
+    row.update(minutes_per_stage=None if not m.get("stage_wall_s") else minutes_per_group(m["stage_wall_s"]),
+               psnr_db=_r(m.get("psnr"), 1), targets_met=f"{sum(t['met'] for t in targets.values())}/{len(targets)}",
+               machine=a["machine"], verdict=a.get("verdict", ""))
+    return row
 
 
 def autoencoder_row(a: dict, base: Optional[dict]) -> dict:
@@ -150,10 +233,13 @@ def build(attempts: list[dict]) -> dict[str, list[dict]]:
     by_kind = {k: [a for a in attempts if a["kind"] == k] for k in KINDS}
     base = {k: next((a for a in v if a.get("baseline")), None) for k, v in by_kind.items()}
     return {
+        "end_to_end": [end_to_end_row(a) for a in by_kind["end_to_end"]],
         "autoencoder": [autoencoder_row(a, None if a is base["autoencoder"] else base["autoencoder"])
                         for a in by_kind["autoencoder"]],
         "proxy_diffusion": [proxy_row(a, None if a is base["proxy_diffusion"] else base["proxy_diffusion"])
                             for a in by_kind["proxy_diffusion"]],
+        "reference_input": [proxy_row(a, None if a is base["reference_input"] else base["reference_input"])
+                            for a in by_kind["reference_input"]],
         "step_time": step_rows(by_kind["step_time"]),
         "lip_sync": [sync_row(a) for a in by_kind["lip_sync"]],
         "lip_tokens": [tokens_row(a) for a in by_kind["lip_tokens"]],
@@ -192,8 +278,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attempts", default=str(ROOT / "benchmarks" / "quality_attempts"))
     ap.add_argument("--out", default=str(ROOT / "reports"))
+    ap.add_argument("--record-run", metavar="PROJECT", help="write an end_to_end attempt file from this finished project")
+    ap.add_argument("--name", help="--record-run: the attempt's name (its file name)")
+    ap.add_argument("--change", help="--record-run: what the run is (profile, what differs)")
+    ap.add_argument("--machine", default="2 cores, idle", help="--record-run: the cores and their load during the run")
+    ap.add_argument("--log", help="--record-run: the timestamped `dvc repro` log ([seconds] at each line's start)")
     args = ap.parse_args(argv)
     folder = Path(args.attempts)
+    if args.record_run:
+        if not (args.name and args.change):
+            raise SystemExit("--record-run needs --name and --change")
+        measured = record_run(Path(args.record_run), Path(args.log) if args.log else None)
+        attempt = {"name": args.name, "kind": "end_to_end", "change": args.change, "machine": args.machine,
+                   "source": f"--record-run of a fresh copy's `dvc repro evaluate` ({measured['params_hash']})",
+                   "measured": measured}
+        (folder / f"{args.name}.json").write_text(json.dumps(attempt, indent=1) + "\n")
+        print(f"wrote {folder / (args.name + '.json')}")
+        return 0
     tables = build(load_attempts(folder))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,14 @@ def test_unet_is_sd_shaped_and_learns_to_denoise_from_a_reference():
     assert cfg["down_block_types"] == ["CrossAttnDownBlock2D", "DownBlock2D"]
     assert cfg["up_block_types"] == ["UpBlock2D", "CrossAttnUpBlock2D"]
     assert cfg["cross_attention_dim"] == params.model.prior_dim
+    # the params' block types, where set, shape the base UNet (and so the denoiser built from it)
+    four = params.model.model_copy(update={"block_out_channels": [8, 8, 16, 16], "attention_head_dim": 2,
+                                           "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                                           "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]})
+    assert tiny_unet_config(four, 32)["down_block_types"] == four.down_block_types
+    assert tiny_unet_config(four, 32)["up_block_types"] == four.up_block_types
+    with pytest.raises(McdmError, match="model.down_block_types: 4 entries for 2 block_out_channels"):
+        tiny_unet_config(four.model_copy(update={"block_out_channels": [8, 16]}), 32)
     # latents of 40 "clips": each clip one smooth pattern plus small per-frame noise
     g = torch.Generator().manual_seed(0)
     patterns = torch.nn.functional.interpolate(torch.randn(40, 4, 2, 2, generator=g), size=8, mode="bilinear")

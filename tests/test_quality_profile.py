@@ -32,6 +32,9 @@ def test_quality_profile_is_128_px_with_the_attempts_autoencoder():
     p = profile_params("quality", ROOT / "configs")
     assert p.data.resolution == 128 and p.base_models.vae_block_out_channels == [8, 16, 32]
     assert p.model.patch_size == 8 and len(p.model.landmark_guider_channels) == 3
+    # four UNet levels (32 -> 4) with attention only at the two lowest (8 x 8 and 4 x 4)
+    assert len(p.model.block_out_channels) == 4
+    assert p.model.down_block_types[:2] == ["DownBlock2D"] * 2 and p.model.up_block_types[2:] == ["UpBlock2D"] * 2
     default = profile_params("default", ROOT / "configs")
     assert default.data.resolution == 64  # the embedded default stays within the 2-core budget
 

@@ -75,3 +75,18 @@ def test_a_snapshot_of_a_run_gives_its_numbers_and_a_changed_number_changes_the_
     assert "3 answered: 1 supported, 0 refuted, 2 inconclusive" in blocks[0]
     assert "4.0 %" in blocks[0] and "train_stage2 20 s" in blocks[0] and "snapshot of run a" in blocks[0]
     assert "Long-term clip (30 s): SSIM 0.6 in the first window, 0.5 in the last" in blocks[0]
+
+
+def test_readme_quality_block_is_rendered_from_the_end_to_end_attempts(tmp_path):
+    block = numbers.readme_block(begin=numbers.QUALITY_BEGIN, end=numbers.QUALITY_END)
+    assert block is not None, "README.md has no quality block"
+    assert block == numbers.render_quality(), "README.md's quality table differs from reports/quality_attempts.json: " \
+                                              "run python benchmarks/quality_attempts.py, then tools/readme_numbers.py --write"
+    tables = json.loads(numbers.QUALITY.read_text())
+    for row in tables["end_to_end"]:
+        assert f"| {row['attempt']} | {row['change']} |" in block
+    tables["end_to_end"] = [{"attempt": "e2e_x", "change": "a run", "main_line_min": 12.5, "identity_gap": "0.2 (no)",
+                             "targets_met": "3/7", "machine": "2 cores, idle"}]
+    (tmp_path / "qa.json").write_text(json.dumps(tables))
+    changed = numbers.render_quality(tmp_path / "qa.json")
+    assert "| e2e_x | a run | 12.5 | n/a | n/a | 0.2 (no) |" in changed and "| 3/7 | 2 cores, idle |" in changed

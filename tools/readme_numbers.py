@@ -12,6 +12,10 @@ generation at constant memory (benchmarks/bench_generation.py) and per-stage tra
 (benchmarks/bench_train_stages.py). tests/test_readme_numbers.py checks that it matches the
 committed ``reports/benchmarks.json``.
 
+The quality block is issue #20's targets table of whole main lines: the ``end_to_end`` rows that
+``benchmarks/quality_attempts.py`` writes to ``reports/quality_attempts.json`` from the attempt files
+its ``--record-run`` took of finished runs.
+
 The evaluation's files (``reports/metrics.json`` and the rest) are DVC outputs that a checkout does
 not have, so the results block is rendered from ``docs/results/run.json``: a small snapshot that
 ``--snapshot`` takes of one run's ``reports/`` (headline metrics, the baselines, the long-term summary,
@@ -31,6 +35,14 @@ END = "<!-- numbers:end -->"
 RESULTS_BEGIN = "<!-- results:begin (tools/readme_numbers.py --write, from docs/results/run.json) -->"
 RESULTS_END = "<!-- results:end -->"
 RESULTS = ROOT / "docs" / "results" / "run.json"
+QUALITY_BEGIN = "<!-- quality:begin (tools/readme_numbers.py --write, from reports/quality_attempts.json) -->"
+QUALITY_END = "<!-- quality:end -->"
+QUALITY = ROOT / "reports" / "quality_attempts.json"
+QUALITY_COLUMNS = (("attempt", "run"), ("change", "what ran"), ("main_line_min", "main line (min)"),
+                   ("resolution", "resolution"), ("autoencoder_identity_gap", "autoencoder identity gap"),
+                   ("identity_gap", "identity gap"), ("no_face_frames", "no-face frames"),
+                   ("sync_c_fraction", "Sync-C fraction"), ("mouth_open_corr", "mouth-opening corr. [95% CI]"),
+                   ("sharpness_ratio", "sharpness ratio"), ("psnr_db", "PSNR (dB)"), ("targets_met", "targets met"))
 HEADLINE = ("fvd", "fid", "efid", "sync_c", "sync_d", "ssim", "identity")
 LABELS = {"fvd": "FVD ↓", "fid": "FID ↓", "efid": "E-FID ↓", "sync_c": "Sync-C ↑", "sync_d": "Sync-D ↓",
           "ssim": "SSIM ↑", "identity": "identity distance ↓"}
@@ -157,6 +169,22 @@ def render_results(run_file: Path = RESULTS) -> str:
     return "\n".join([RESULTS_BEGIN, *lines, RESULTS_END])
 
 
+def render_quality(attempts_file: Path = QUALITY) -> str:
+    """Issue #20's targets on whole main lines: the ``end_to_end`` rows of benchmarks/quality_attempts.py."""
+    rows = json.loads(Path(attempts_file).read_text()).get("end_to_end", [])
+    if not rows:
+        return "\n".join([QUALITY_BEGIN, "(no end-to-end run recorded: benchmarks/quality_attempts.py --record-run)",
+                          QUALITY_END])
+    lines = ["| " + " | ".join(label for _, label in QUALITY_COLUMNS) + " | cores |",
+             "|" + "---|" * (len(QUALITY_COLUMNS) + 1)]
+    for row in rows:
+        cells = ["n/a" if row.get(key) is None else str(row[key]) for key, _ in QUALITY_COLUMNS]
+        lines.append("| " + " | ".join(cells) + f" | {row['machine']} |")
+    lines += ["", "Wall minutes per group of stages, same runs:", "", "| run | minutes |", "|---|---|"]
+    lines += [f"| {row['attempt']} | {row.get('minutes_per_stage') or 'n/a'} |" for row in rows]
+    return "\n".join([QUALITY_BEGIN, *lines, QUALITY_END])
+
+
 def readme_block(readme: Path = ROOT / "README.md", begin: str = BEGIN, end: str = END) -> str | None:
     m = re.search(re.escape(begin) + r".*?" + re.escape(end), readme.read_text(encoding="utf-8"), re.S)
     return m.group(0) if m else None
@@ -177,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         args.write = True
     readme = ROOT / "README.md"
     blocks = [(readme_block(readme), render(), "numbers", "reports/benchmarks.json"),
-              (readme_block(readme, RESULTS_BEGIN, RESULTS_END), render_results(), "results", "docs/results/run.json")]
+              (readme_block(readme, RESULTS_BEGIN, RESULTS_END), render_results(), "results", "docs/results/run.json"),
+              (readme_block(readme, QUALITY_BEGIN, QUALITY_END), render_quality(), "quality",
+               "reports/quality_attempts.json")]
     text, stale = readme.read_text(encoding="utf-8"), []
     for current, wanted, name, source in blocks:
         if current is None:
@@ -188,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             stale.append(f"README.md's {name} block differs from {source}")
     if args.write:
         readme.write_text(text, encoding="utf-8")
-        print("wrote README.md's numbers and results blocks")
+        print("wrote README.md's numbers, results and quality blocks")
         return 0
     for line in stale:
         print(f"{line}: run tools/readme_numbers.py --write", file=sys.stderr)

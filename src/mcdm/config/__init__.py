@@ -198,10 +198,10 @@ class ModelParams(Section):
     )
     norm_num_groups: int = Field(32, ge=1, description="GroupNorm groups of the UNet (SD-1.5: 32)")
     down_block_types: Optional[list[Literal["CrossAttnDownBlock2D", "DownBlock2D"]]] = Field(
-        None, description="UNet down blocks, one per block_out_channels entry; null = CrossAttnDownBlock2D at every level"
+        None, description="UNet down blocks, one per block_out_channels entry, for the pretrained base UNet and the denoiser built from it; null = SD-1.5's layout in base_models (attention at every level but the lowest), CrossAttnDownBlock2D at every level in a denoiser built without a base UNet"
     )
     up_block_types: Optional[list[Literal["CrossAttnUpBlock2D", "UpBlock2D"]]] = Field(
-        None, description="UNet up blocks, one per block_out_channels entry; null = CrossAttnUpBlock2D at every level"
+        None, description="UNet up blocks (lowest resolution first), one per block_out_channels entry, as down_block_types"
     )
     frame_attention_heads: int = Field(1, ge=1, description="heads of the frame-aligned attention (1 = Eq. 2 as written)")
     qformer_layers: int = Field(2, ge=1, description="b1: Q-Former layers (self-attn + cross-attn + FF); heads = prior_heads")

@@ -50,16 +50,23 @@ def _norm_groups(widths: list[int]) -> int:
 
 
 def tiny_unet_config(model: ModelParams, sample_size: int, latent_channels: int = 4) -> dict:
-    """UNet2DConditionModel keyword arguments in SD-1.5's layout, at ``model``'s widths."""
+    """UNet2DConditionModel keyword arguments at ``model``'s widths: SD-1.5's layout (attention at every
+    level but the lowest), or ``model.down_block_types`` / ``up_block_types`` where the params set them
+    (e.g. the quality profile's attention at the low-resolution levels only)."""
     widths = list(model.block_out_channels)
     n = len(widths)
+    down = list(model.down_block_types or ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"])
+    up = list(model.up_block_types or ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1))
+    for key, types in (("down_block_types", down), ("up_block_types", up)):
+        if len(types) != n:
+            raise McdmError(f"model.{key}: {len(types)} entries for {n} block_out_channels")
     return dict(
         sample_size=sample_size,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        down_block_types=["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"],
+        down_block_types=down,
         mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1),
+        up_block_types=up,
         block_out_channels=widths,
         layers_per_block=model.layers_per_block,
         attention_head_dim=model.attention_head_dim,
