@@ -110,14 +110,13 @@ def stage_seconds(log_text: str) -> dict[str, float]:
 def record_run(project: Path, log: Optional[Path]) -> dict:
     """The ``measured`` part of an ``end_to_end`` attempt, from the files a main line wrote."""
     details = json.loads((project / "reports" / "metrics_details.json").read_text())
-    params_text = (project / "params.yaml").read_text()
     measured = {
         "quality_targets": details["quality_targets"],
         "psnr": details.get("psnr"), "autoencoder_psnr_heldout": details.get("autoencoder_psnr_heldout"),
         "identity": details.get("identity"), "identity_gt": details.get("identity_gt"),
         "n_clips": details.get("n_clips"), "frames": details.get("frames"), "seed": details.get("seed"),
         "params_hash": details.get("params_hash"),
-        "resolution": int(re.search(r"^  resolution: (\d+)", params_text, re.M).group(1)),
+        "resolution": int(details["quality_targets"]["resolution"]["value"]),  # the generated frames' side
         "train_wall_s": {f"stage{k}": json.loads((project / "reports" / f"train_stage{k}.json").read_text())["train_wall_s"]
                          for k in (1, 2, 3)},
         "base_models_s": json.loads((project / "models" / "base" / "encoders.json").read_text()).get("seconds"),

@@ -6,8 +6,8 @@ the condition's latent to the noisy latent instead (``in_channels = 2 x 4``), wh
 direct path to copy the face. This script trains the tiny base UNet both ways, for the same steps, on
 the same VAE latents of a finished run (``data/split/train.parquet`` and ``models/base/vae`` of a DVC
 project), samples held-out frames with 10 DDIM steps from a reference frame of the same clip, and
-scores them as ``evaluate`` does: dlib identity distance to the reference (ground truth's own distance
-beside it), frames where dlib finds no face, Laplacian-variance sharpness over ground truth's, PSNR.
+scores them with evaluate's measures: dlib identity distance to the reference (each frame resized to
+``eval.dlib_min_side``; ground truth's own distance beside it), frames where dlib finds no face, Laplacian-variance sharpness over ground truth's, PSNR.
 
     python benchmarks/quality_proxy_reference.py --project PATH --steps 600 [--modes tokens,concat]
         [--attempts benchmarks/quality_attempts]
@@ -25,14 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mcdm.train.base_models.unet import _reference_indices
+
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES = 60
 SAMPLE_STEPS = 10
-
-
-def _same_clip_refs(clip_index: np.ndarray, rng: np.random.Generator, targets: np.ndarray) -> np.ndarray:
-    members = {c: np.flatnonzero(clip_index == c) for c in np.unique(clip_index)}
-    return np.array([rng.choice(members[clip_index[t]]) for t in targets])
 
 
 def _identity(dlib_face, image: np.ndarray, side: int):
@@ -72,7 +69,7 @@ def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pic
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for step in range(steps):  # base_models' loop (train/base_models/unet.py), the input being the only change
         idx = rng.integers(0, len(fit), bm.unet_batch_size)
-        z0, ref = fit[idx], fit[_same_clip_refs(fit_clips, rng, idx)]
+        z0, ref = fit[idx], fit[_reference_indices(fit_clips, rng, idx)]
         if rng.random() < 0.5:
             z0, ref = z0.flip(-1), ref.flip(-1)
         eps = torch.randn_like(z0)
@@ -148,7 +145,7 @@ def main(argv=None) -> int:
     vae = load_vae(project / "models/base/vae")
     fit, held = encode_latents(vae, frames.fit.frames), encode_latents(vae, frames.heldout.frames)
     pick = np.linspace(0, len(held) - 1, N_SAMPLES).astype(int)
-    pick_ref = _same_clip_refs(frames.heldout.clip_index, np.random.default_rng(7), pick)
+    pick_ref = _reference_indices(frames.heldout.clip_index, np.random.default_rng(7), pick)
     out = Path(args.attempts)
     for mode in args.modes.split(","):
         m = run_mode(mode, args.steps, fit, frames.fit.clip_index, held, frames.heldout.frames, pick, pick_ref,
