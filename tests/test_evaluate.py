@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from mcdm import cli
 from mcdm.config import dump_params
 from mcdm.eval.face_features import DlibFrameFeatures
-from mcdm.eval.long_term import window_bounds
+from mcdm.eval.long_term import long_term_curve, window_bounds
 from mcdm.eval.metric_files import HEADLINE, read_features
 from mcdm.media.io import probe
 from mcdm.models.sync.syncnet import SyncNet
@@ -229,6 +229,19 @@ def test_long_term_curve(evaluated):
     assert (windows["identity_frames"] == 1).all()
     assert windows["sync_c"].isna().all()  # 5 frames are too few for SyncNet's offset search: no value, no error
     assert summary["window_ssim_decay"] == pytest.approx(windows["ssim"].iloc[0] - windows["ssim"].iloc[-1])
+
+
+def test_long_term_curve_driven_by_ground_truth_landmarks(project, tmp_path):
+    """eval.use_landmarks: the long-term clips are generated driven by their own landmarks (it crashed on
+    the landmarks' shape: each clip's (1, T, 68, 2) stacked to (B, 1, T, 68, 2))."""
+    root, params = project
+    driven = tiny(TINY_PIPELINE, eval={**EVAL, "use_landmarks": True})
+    pipe = load_pipeline(root / "models", driven)
+    summary = long_term_curve(pipe, root / "features", tmp_path / "long_term.csv", driven, progress=False,
+                              ground_truth=False)
+    curve = pd.read_csv(tmp_path / "long_term.csv")
+    assert summary["clips"] == ["c_long"] and summary["frames"] == 15 and list(curve["frame"]) == [0, 5, 10]
+    assert ((curve["ssim"] > -1) & (curve["ssim"] < 1)).all()
 
 
 @pytest.mark.parametrize("n, size, bounds", [(15, 5, [(0, 5), (5, 10), (10, 15)]), (17, 5, [(0, 5), (5, 10), (10, 15)]),

@@ -148,7 +148,7 @@ def long_term_curve(pipe, features_dir: str | Path, csv_path: str | Path, params
         driving = [np.concatenate([c.features.landmarks(0, c.n)] + [c.features.landmarks(c.n - 1, c.n)] * (total - c.n))
                    for c in clips]
         lm, pose = zip(*(pipe.prepare_driving(d, total) for d in driving))
-        lm, pose = torch.stack(lm), torch.stack(pose)
+        lm, pose = torch.cat(lm), torch.cat(pose)  # each (1, total, ...) -> (B, total, ...)
     states = pipe.iter_clips(ref_latent, ref_emb, feats, landmarks=lm, head_pose=pose, num_inference_steps=p.steps,
                              generator=torch.Generator().manual_seed(params.seed))
     size = max(1, int(round(p.long_term_window_seconds * fps)))
