@@ -7,7 +7,8 @@ Kinds and what their table shows:
 
 * ``end_to_end``: a whole main line (``dvc repro evaluate`` on a fresh copy) of a profile, recorded
   from the files the pipeline wrote (``--record-run PROJECT``): the targets table ``evaluate`` wrote
-  (``reports/metrics_details.json``), PSNR, the training stages' wall seconds, and the main line's
+  (``reports/metrics_details.json``), PSNR, the training stages' steps and wall seconds, the evaluate
+  settings that change what is generated (``eval.steps``, ``eval.use_landmarks``), and the main line's
   wall time per stage from a log of ``dvc repro`` whose lines start with ``[seconds]``.
 * ``autoencoder``: a tiny VAE trained at 128 px (or today's 64 px one, the baseline) and scored on the
   held-out test frames: PSNR, the identity distance of its reconstructions minus ground truth's (the
@@ -19,14 +20,16 @@ Kinds and what their table shows:
   64 and 128 px, with the ratio to the 64 px baseline measured under the same load (shared or idle).
 * ``reference_input``: the base UNet reading the reference frame through its patch tokens (today) or
   with its latent concatenated to the noisy input too (``benchmarks/quality_proxy_reference.py``),
-  sampled and scored as ``proxy_diffusion``.
+  sampled and scored as ``proxy_diffusion``; deltas against the baseline of the same latent size.
 * ``lip_sync``: Sync-C on the same SyncNet, as a fraction of ground truth's (target >= 0.5).
 * ``lip_tokens``: the motion prior's sampled lip tokens against ground truth's (correlation), and a
   proxy UNet's mouth-opening correlation.
 
     python benchmarks/quality_attempts.py [--attempts benchmarks/quality_attempts] [--out reports]
 
-writes ``<out>/quality_attempts.md`` and ``<out>/quality_attempts.json`` (the rows).
+writes ``<out>/quality_attempts.md`` and ``<out>/quality_attempts.json`` (the rows); with
+``--figure docs/quality_stage3_steps.png`` it also draws the 128 px end-to-end runs that differ only in
+stage-3 steps: each target's value (and interval) against the steps, the threshold dashed.
 
     python benchmarks/quality_attempts.py --record-run PROJECT --name NAME --change TEXT [--log LOG]
 
@@ -46,7 +49,7 @@ KINDS = {
     "autoencoder": "Autoencoders (128 px unless said; scored on 105 held-out test frames, 7 clips)",
     "proxy_diffusion": "Proxy diffusion on the autoencoder's latents (105 sampled test frames)",
     "step_time": "Seconds per training step, per stage (batch as in the default; generation per frame, 10 steps)",
-    "reference_input": "Reference frame as tokens or as input channels of the base UNet (64 px, 60 held-out frames)",
+    "reference_input": "Reference frame as tokens or as input channels of the base UNet (60 held-out frames; deltas against the tokens row of the same latent)",
     "lip_sync": "Sync-C against ground truth (same SyncNet, 5 test clips, 225 windows)",
     "lip_tokens": "Lip motion of the motion prior's tokens and of a proxy UNet (5 test clips)",
 }
@@ -107,9 +110,28 @@ def stage_seconds(log_text: str) -> dict[str, float]:
     return {name: round(end - start, 1) for (start, name), end in zip(marks, ends)}
 
 
+EVAL_KEYS = ("steps", "use_landmarks")  # the evaluate settings that change what is generated
+
+
+def eval_settings(params_path: Path) -> dict:
+    """The run's ``eval.steps`` (sampling steps) and ``eval.use_landmarks`` (driven by ground truth's landmarks)."""
+    from mcdm.config import load_params
+
+    e = load_params(params_path).eval
+    return {k: getattr(e, k) for k in EVAL_KEYS}
+
+
+def default_eval_settings() -> dict:
+    from mcdm.config import EvalParams
+
+    e = EvalParams()
+    return {k: getattr(e, k) for k in EVAL_KEYS}
+
+
 def record_run(project: Path, log: Optional[Path]) -> dict:
     """The ``measured`` part of an ``end_to_end`` attempt, from the files a main line wrote."""
     details = json.loads((project / "reports" / "metrics_details.json").read_text())
+    stage_reports = {k: json.loads((project / "reports" / f"train_stage{k}.json").read_text()) for k in (1, 2, 3)}
     measured = {
         "quality_targets": details["quality_targets"],
         "psnr": details.get("psnr"), "autoencoder_psnr_heldout": details.get("autoencoder_psnr_heldout"),
@@ -117,9 +139,10 @@ def record_run(project: Path, log: Optional[Path]) -> dict:
         "n_clips": details.get("n_clips"), "frames": details.get("frames"), "seed": details.get("seed"),
         "params_hash": details.get("params_hash"),
         "resolution": int(details["quality_targets"]["resolution"]["value"]),  # the generated frames' side
-        "train_wall_s": {f"stage{k}": json.loads((project / "reports" / f"train_stage{k}.json").read_text())["train_wall_s"]
-                         for k in (1, 2, 3)},
+        "train_wall_s": {f"stage{k}": stage_reports[k]["train_wall_s"] for k in (1, 2, 3)},
+        "train_steps": {f"stage{k}": stage_reports[k].get("steps") for k in (1, 2, 3)},
         "base_models_s": json.loads((project / "models" / "base" / "encoders.json").read_text()).get("seconds"),
+        "eval_settings": eval_settings(project / "params.yaml"),
     }
     if log is not None:
         stages = stage_seconds(log.read_text(errors="replace"))
@@ -137,14 +160,15 @@ STAGE_GROUPS = (("data", ("params_check", "sample_data", "ingest", "scenes", "fa
 def minutes_per_group(stage_wall_s: dict[str, float]) -> str:
     """``data 2.3, base_models 2.7, ...``: a main line's wall minutes per group of stages."""
     parts = [(name, sum(stage_wall_s.get(s, 0.0) for s in stages)) for name, stages in STAGE_GROUPS]
-    return ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in parts if seconds)
+    return ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in parts if round(seconds / 60, 1))
 
 
 def end_to_end_row(a: dict) -> dict:
     m = a["measured"]
     targets = m["quality_targets"]
-    row = {"attempt": a["name"], "change": a["change"], "main_line_min": None if m.get("main_line_wall_s") is None
-           else round(m["main_line_wall_s"] / 60, 1)}
+    whole = m.get("main_line_wall_s") is not None and "base_models" in m.get("stage_wall_s", {})  # not a re-evaluate
+    row = {"attempt": a["name"], "change": a["change"],
+           "main_line_min": round(m["main_line_wall_s"] / 60, 1) if whole else None}
     for key in TARGETS:
         t = targets.get(key)
         if t is None:
@@ -158,6 +182,66 @@ def end_to_end_row(a: dict) -> dict:
                psnr_db=_r(m.get("psnr"), 1), targets_met=f"{sum(t['met'] for t in targets.values())}/{len(targets)}",
                machine=a["machine"], verdict=a.get("verdict", ""))
     return row
+
+
+TREND_PANELS = (("sync_c_fraction", "Sync-C / ground truth's"), ("mouth_open_corr", "mouth-opening correlation"),
+                ("identity_gap", "identity gap"))
+
+
+def stage3_trend(attempts: list[dict], resolution: int = 128) -> list[dict]:
+    """The end-to-end runs at ``resolution`` that differ in stage-3 steps only (their other stages' steps
+    equal to the fewest-steps run's, evaluated with the schema's sampling steps and without ground truth's
+    landmarks), in order of stage-3 steps: one point each with the targets' values."""
+    default = default_eval_settings()
+    runs = [a for a in attempts if a["kind"] == "end_to_end" and a["measured"].get("train_steps")
+            and a["measured"].get("resolution") == resolution
+            and a["measured"].get("eval_settings", default) == default]
+    if not runs:
+        return []
+    runs.sort(key=lambda a: a["measured"]["train_steps"]["stage3"])
+    first = runs[0]["measured"]["train_steps"]
+    same = [a for a in runs if all(a["measured"]["train_steps"][k] == first[k] for k in ("stage1", "stage2"))]
+    points = []
+    for a in same:
+        targets = a["measured"]["quality_targets"]
+        points.append({"attempt": a["name"], "stage3_steps": a["measured"]["train_steps"]["stage3"],
+                       **{key: targets[key] for key, _ in TREND_PANELS if key in targets}})
+    return points
+
+
+def plot_stage3_trend(points: list[dict], path: Path) -> Path:
+    """One panel per target: its value against stage-3 steps (the interval where the run wrote one) and
+    the target's threshold as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(4 * len(TREND_PANELS), 3.2))
+    steps = [p["stage3_steps"] for p in points]
+    for ax, (key, label) in zip(axes, TREND_PANELS):
+        have = [p for p in points if key in p]
+        x, y = [p["stage3_steps"] for p in have], [p[key]["value"] for p in have]
+        if have and "low" in have[0][key]:
+            err = [[v - p[key]["low"] for p, v in zip(have, y)], [p[key]["high"] - v for p, v in zip(have, y)]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3)
+        else:
+            ax.plot(x, y, marker="o")
+        threshold = have[0][key]["target"] if have else ""
+        number = re.search(r"[-\d.]+", threshold)
+        if number:
+            ax.axhline(float(number.group()), ls="--", color="grey", label=f"target {threshold}")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xticks(steps)
+        ax.set_xlabel("stage-3 steps")
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(f"Quality profile ({len(points)} runs, 5 test clips, seed 0): issue #20's targets against stage-3 "
+                 "steps", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def autoencoder_row(a: dict, base: Optional[dict]) -> dict:
@@ -231,13 +315,18 @@ def tokens_row(a: dict) -> dict:
 def build(attempts: list[dict]) -> dict[str, list[dict]]:
     by_kind = {k: [a for a in attempts if a["kind"] == k] for k in KINDS}
     base = {k: next((a for a in v if a.get("baseline")), None) for k, v in by_kind.items()}
+    latent_base = {tuple(a["measured"]["latent"]): a for a in by_kind["reference_input"] if a.get("baseline")}
+
+    def same_latent_base(a: dict) -> Optional[dict]:  # reference input: deltas within one latent size
+        return latent_base.get(tuple(a["measured"]["latent"]))
+
     return {
         "end_to_end": [end_to_end_row(a) for a in by_kind["end_to_end"]],
         "autoencoder": [autoencoder_row(a, None if a is base["autoencoder"] else base["autoencoder"])
                         for a in by_kind["autoencoder"]],
         "proxy_diffusion": [proxy_row(a, None if a is base["proxy_diffusion"] else base["proxy_diffusion"])
                             for a in by_kind["proxy_diffusion"]],
-        "reference_input": [proxy_row(a, None if a is base["reference_input"] else base["reference_input"])
+        "reference_input": [proxy_row(a, None if a is same_latent_base(a) else same_latent_base(a))
                             for a in by_kind["reference_input"]],
         "step_time": step_rows(by_kind["step_time"]),
         "lip_sync": [sync_row(a) for a in by_kind["lip_sync"]],
@@ -282,6 +371,7 @@ def main(argv=None) -> int:
     ap.add_argument("--change", help="--record-run: what the run is (profile, what differs)")
     ap.add_argument("--machine", default="2 cores, idle", help="--record-run: the cores and their load during the run")
     ap.add_argument("--log", help="--record-run: the timestamped `dvc repro` log ([seconds] at each line's start)")
+    ap.add_argument("--figure", help="also draw the 128 px end-to-end runs' targets against stage-3 steps here (PNG)")
     args = ap.parse_args(argv)
     folder = Path(args.attempts)
     if args.record_run:
@@ -294,7 +384,11 @@ def main(argv=None) -> int:
         (folder / f"{args.name}.json").write_text(json.dumps(attempt, indent=1) + "\n")
         print(f"wrote {folder / (args.name + '.json')}")
         return 0
-    tables = build(load_attempts(folder))
+    attempts = load_attempts(folder)
+    tables = build(attempts)
+    if args.figure:
+        points = stage3_trend(attempts)
+        print(f"wrote {plot_stage3_trend(points, Path(args.figure))} ({len(points)} runs)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

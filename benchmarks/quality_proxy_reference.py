@@ -10,9 +10,13 @@ scores them with evaluate's measures: dlib identity distance to the reference (e
 ``eval.dlib_min_side``; ground truth's own distance beside it), frames where dlib finds no face, Laplacian-variance sharpness over ground truth's, PSNR.
 
     python benchmarks/quality_proxy_reference.py --project PATH --steps 600 [--modes tokens,concat]
-        [--attempts benchmarks/quality_attempts]
+        [--profile default] [--attempts benchmarks/quality_attempts]
 
-writes one attempt file per mode (kind ``reference_input``) for ``benchmarks/quality_attempts.py``.
+Modes: ``tokens`` (trained here, as base_models), ``concat`` (trained here, input channels too) and
+``base`` (no training: the project's own ``models/base`` UNet and tokens, as base_models trained them
+for ``base_models.unet_steps``, sampled and scored the same way). Writes one attempt file per mode
+(kind ``reference_input``) for ``benchmarks/quality_attempts.py``; the tokens / base row of a latent
+size is that size's baseline.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ def _identity(dlib_face, image: np.ndarray, side: int):
     return dlib_face.descriptor(cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC))
 
 
-def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pick_ref, params, vae) -> dict:
+def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pick_ref, params, vae,
+             project: Path) -> dict:
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from mcdm.eval.sharpness import laplacian_variance
@@ -47,6 +52,7 @@ def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pic
     from mcdm.models.reference_tokens import ReferenceTokens
     from mcdm.models.schedulers import make_scheduler
     from mcdm.models.vae import psnr, to_uint8
+    from mcdm.pipelines.loading import load_ref_tokens, load_scheduler, load_unet
     from mcdm.train.builders import tiny_unet_config
 
     bm, model = params.base_models, params.model
@@ -67,7 +73,11 @@ def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pic
         return unet(x, t, encoder_hidden_states=tokens(ref)).sample
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    for step in range(steps):  # base_models' loop (train/base_models/unet.py), the input being the only change
+    if mode == "base":  # the project's own pretrained UNet: nothing to train
+        unet, tokens = load_unet(project / "models/base"), load_ref_tokens(project / "models/base")
+        scheduler = load_scheduler(project / "models/base")
+        steps = json.loads((project / "models/base/unet_metrics.json").read_text())["steps"]
+    for step in range(0 if mode == "base" else steps):  # base_models' loop (train/base_models/unet.py), the input being the only change
         idx = rng.integers(0, len(fit), bm.unet_batch_size)
         z0, ref = fit[idx], fit[_reference_indices(fit_clips, rng, idx)]
         if rng.random() < 0.5:
@@ -111,7 +121,8 @@ def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pic
             d_gen.append(descriptor_distance(e_gen, e_ref))
     return {
         "mode": mode, "latent": [c, h, h], "unet_steps": steps, "unet_train_cpu_s": round(train_cpu, 1),
-        "unet_train_wall_s": round(train_wall, 1), "unet_cpu_s_per_step": round(train_cpu / steps, 4),
+        "unet_train_wall_s": round(train_wall, 1),
+        "unet_cpu_s_per_step": None if mode == "base" else round(train_cpu / steps, 4),
         "sample_cpu_ms_per_frame": round(1000 * sample_cpu / len(images), 1),
         "sample_identity": round(float(np.mean(d_gen)), 4), "gt_identity": round(float(np.mean(d_gt)), 4),
         "identity_note": "dlib descriptor distance to the reference frame, over frames with a face",
@@ -128,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="tokens,concat")
     ap.add_argument("--attempts", default=str(ROOT / "benchmarks" / "quality_attempts"))
     ap.add_argument("--machine", default="2 cores, idle", help="the cores and what else ran on them")
+    ap.add_argument("--profile", default="default", help="the profile the project was made with (for the record)")
     args = ap.parse_args(argv)
 
     from mcdm.config import load_params
@@ -149,15 +161,18 @@ def main(argv=None) -> int:
     out = Path(args.attempts)
     for mode in args.modes.split(","):
         m = run_mode(mode, args.steps, fit, frames.fit.clip_index, held, frames.heldout.frames, pick, pick_ref,
-                     params, vae)
-        how = "patch tokens (cross-attention), as base_models" if mode == "tokens" else \
-            "latent concatenated to the noisy latent (8 input channels) and its tokens"
-        name = f"refin_{mode}_{params.data.resolution}_{args.steps}"
-        attempt = {"name": name, "kind": "reference_input", "baseline": mode == "tokens" and args.steps == 600,
-                   "change": f"{params.data.resolution} px base UNet, reference as {how}, {args.steps} steps",
+                     params, vae, project)
+        how = {"tokens": "patch tokens (cross-attention), as base_models",
+               "base": "patch tokens: the project's own base_models UNet, not retrained",
+               "concat": f"latent concatenated to the noisy latent ({2 * fit.shape[1]} input channels) and its tokens"}
+        steps = m["unet_steps"]
+        name = f"refin_{mode}_{params.data.resolution}_{steps}"
+        attempt = {"name": name, "kind": "reference_input",
+                   "baseline": mode == "base" or (mode == "tokens" and steps == 600),
+                   "change": f"{params.data.resolution} px base UNet, reference as {how[mode]}, {steps} steps",
                    "machine": args.machine,
-                   "source": f"benchmarks/quality_proxy_reference.py --steps {args.steps} on a `dvc repro evaluate` "
-                             "project of the embedded default",
+                   "source": f"benchmarks/quality_proxy_reference.py --modes {mode} --steps {steps} on a "
+                             f"`dvc repro evaluate` project of the {args.profile} profile",
                    "measured": m}
         (out / f"{name}.json").write_text(json.dumps(attempt, indent=1) + "\n")
         print(json.dumps(m), flush=True)
