@@ -176,7 +176,10 @@ def _generate(root: Path, *args: str, checkpoint: str | None = None, **kwargs) -
     cmd = ["mcdm", "--params", str(root / "params.yaml"), "generate", "--ref", str(root / "face.png"),
            "--audio", str(root / "speech.wav"), "--checkpoint", checkpoint or str(root / "ckpt"), *args]
     if kwargs.get("background"):
-        return subprocess.Popen(cmd, cwd=root, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # SIGINT as a terminal delivers it: a shell's background job (`... &`) inherits SIGINT ignored, and
+        # Python then keeps ignoring it (no KeyboardInterrupt), which is right for the CLI but not what we test
+        return subprocess.Popen(cmd, cwd=root, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=root, env=tool_env(), capture_output=True, text=True, timeout=300)
 
 
