@@ -113,19 +113,17 @@ def stage_seconds(log_text: str) -> dict[str, float]:
 EVAL_KEYS = ("steps", "use_landmarks")  # the evaluate settings that change what is generated
 
 
-def eval_settings(params_path: Path) -> dict:
-    """The run's ``eval.steps`` (sampling steps) and ``eval.use_landmarks`` (driven by ground truth's landmarks)."""
-    from mcdm.config import load_params
+def eval_settings(params_path: Optional[Path] = None) -> dict:
+    """``eval.steps`` (sampling steps) and ``eval.use_landmarks`` (driven by ground truth's landmarks) of
+    a run's params file, or the schema's defaults without one."""
+    from mcdm.config import EvalParams, load_params
 
-    e = load_params(params_path).eval
+    e = EvalParams() if params_path is None else load_params(params_path).eval
     return {k: getattr(e, k) for k in EVAL_KEYS}
 
 
 def default_eval_settings() -> dict:
-    from mcdm.config import EvalParams
-
-    e = EvalParams()
-    return {k: getattr(e, k) for k in EVAL_KEYS}
+    return eval_settings()
 
 
 def record_run(project: Path, log: Optional[Path]) -> dict:
@@ -217,6 +215,8 @@ def plot_stage3_trend(points: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mcdm.media.files import save_figure
+
     fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(4 * len(TREND_PANELS), 3.2))
     steps = [p["stage3_steps"] for p in points]
     for ax, (key, label) in zip(axes, TREND_PANELS):
@@ -239,9 +239,7 @@ def plot_stage3_trend(points: list[dict], path: Path) -> Path:
                  "steps", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def autoencoder_row(a: dict, base: Optional[dict]) -> dict:
@@ -317,8 +315,9 @@ def build(attempts: list[dict]) -> dict[str, list[dict]]:
     base = {k: next((a for a in v if a.get("baseline")), None) for k, v in by_kind.items()}
     latent_base = {tuple(a["measured"]["latent"]): a for a in by_kind["reference_input"] if a.get("baseline")}
 
-    def same_latent_base(a: dict) -> Optional[dict]:  # reference input: deltas within one latent size
-        return latent_base.get(tuple(a["measured"]["latent"]))
+    def same_latent_base(a: dict) -> Optional[dict]:  # reference input: deltas within one latent size, none for the base
+        b = latent_base.get(tuple(a["measured"]["latent"]))
+        return None if b is a else b
 
     return {
         "end_to_end": [end_to_end_row(a) for a in by_kind["end_to_end"]],
@@ -326,8 +325,7 @@ def build(attempts: list[dict]) -> dict[str, list[dict]]:
                         for a in by_kind["autoencoder"]],
         "proxy_diffusion": [proxy_row(a, None if a is base["proxy_diffusion"] else base["proxy_diffusion"])
                             for a in by_kind["proxy_diffusion"]],
-        "reference_input": [proxy_row(a, None if a is same_latent_base(a) else same_latent_base(a))
-                            for a in by_kind["reference_input"]],
+        "reference_input": [proxy_row(a, same_latent_base(a)) for a in by_kind["reference_input"]],
         "step_time": step_rows(by_kind["step_time"]),
         "lip_sync": [sync_row(a) for a in by_kind["lip_sync"]],
         "lip_tokens": [tokens_row(a) for a in by_kind["lip_tokens"]],

@@ -59,25 +59,27 @@ def run_mode(mode: str, steps: int, fit, fit_clips, held, held_frames, pick, pic
     c, h, _ = fit.shape[1:]
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed + 1)
-    cfg = tiny_unet_config(model, h, c)
-    if mode == "concat":
-        cfg["in_channels"] = 2 * c  # [z_t ; z_ref]
-    unet = UNet2DConditionModel(**cfg)
-    tokens = ReferenceTokens(latent_channels=c, sample_size=h, patch_size=model.patch_size, dim=model.prior_dim)
-    scheduler = make_scheduler(bm.prediction_type)
-    weights = list(unet.parameters()) + list(tokens.parameters())
-    opt = torch.optim.AdamW(weights, lr=bm.unet_lr, weight_decay=0.0)
+    if mode == "base":  # the project's own pretrained UNet: nothing to train
+        base = project / "models/base"
+        unet, tokens, scheduler = load_unet(base), load_ref_tokens(base), load_scheduler(base)
+        steps = json.loads((base / "unet_metrics.json").read_text())["steps"]
+    else:
+        cfg = tiny_unet_config(model, h, c)
+        if mode == "concat":
+            cfg["in_channels"] = 2 * c  # [z_t ; z_ref]
+        unet = UNet2DConditionModel(**cfg)
+        tokens = ReferenceTokens(latent_channels=c, sample_size=h, patch_size=model.patch_size, dim=model.prior_dim)
+        scheduler = make_scheduler(bm.prediction_type)
+        weights = list(unet.parameters()) + list(tokens.parameters())
+        opt = torch.optim.AdamW(weights, lr=bm.unet_lr, weight_decay=0.0)
 
     def predict(z_t, t, ref):
         x = torch.cat([z_t, ref], 1) if mode == "concat" else z_t
         return unet(x, t, encoder_hidden_states=tokens(ref)).sample
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    if mode == "base":  # the project's own pretrained UNet: nothing to train
-        unet, tokens = load_unet(project / "models/base"), load_ref_tokens(project / "models/base")
-        scheduler = load_scheduler(project / "models/base")
-        steps = json.loads((project / "models/base/unet_metrics.json").read_text())["steps"]
-    for step in range(0 if mode == "base" else steps):  # base_models' loop (train/base_models/unet.py), the input being the only change
+    # base_models' loop (train/base_models/unet.py), the input being the only change
+    for step in range(0 if mode == "base" else steps):
         idx = rng.integers(0, len(fit), bm.unet_batch_size)
         z0, ref = fit[idx], fit[_reference_indices(fit_clips, rng, idx)]
         if rng.random() < 0.5:
